@@ -1,0 +1,1 @@
+"""hvd_ngd: distributed natural-gradient preconditioning for Horovod jobs."""

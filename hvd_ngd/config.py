@@ -1,0 +1,190 @@
+"""Validated configuration shared by every adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Tuple, Type, TypeVar, Union
+
+from hvd_ngd.enums import (
+    AssignmentCost,
+    FisherType,
+    IntervalPolicy,
+    InverseMethod,
+    LossReduction,
+    Strategy,
+    WireDtype,
+)
+
+Interval = Union[int, Callable[[int], int]]
+E = TypeVar("E")
+
+
+def _bad(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"invalid {name}={value!r}: must be {allowed}")
+
+
+def _coerce_enum(name: str, value: Any, enum_type: Type[E]) -> E:
+    if isinstance(value, enum_type):
+        return value
+    try:
+        return enum_type(value)  # type: ignore[call-arg]
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum_type)  # type: ignore[attr-defined]
+        raise _bad(name, value, f"one of {allowed}") from None
+
+
+def _check_interval(name: str, value: Interval) -> None:
+    if callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad(name, value, "an int >= 1 or a callable step -> int >= 1")
+
+
+def resolve_interval(name: str, value: Interval, step: int) -> int:
+    """Evaluate an interval (int or callable of the step) and validate the result."""
+    result = value(step) if callable(value) else value
+    if isinstance(result, bool) or not isinstance(result, int) or result < 1:
+        raise _bad(f"{name}({step})", result, "an int >= 1")
+    return result
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(name, value, f"a finite number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+    below = value <= lo if lo_open else value < lo
+    above = value >= hi if hi_open else value > hi
+    if below or above:
+        raise _bad(name, value, f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+
+@dataclasses.dataclass
+class KFACConfig:
+    """Configuration of the natural-gradient preconditioner (identical names in every adapter).
+
+    Attributes:
+        lr: learning rate used by KL clipping (kept in sync with the optimizer by adapters).
+        damping: Tikhonov damping lambda added to the Kronecker product (> 0).
+        factor_decay: running-average decay xi of the factors in [0, 1); 0 = current batch only.
+        kl_clip: KL-clipping constant kappa (> 0), or None to disable.
+        factor_update_interval: steps between factor refreshes (int or callable of the step).
+        inv_update_interval: steps between inverse refreshes (int or callable of the step).
+        interval_policy: FIXED intervals, or the SP-NGD ADAPTIVE rule per statistic.
+        adaptive_threshold: relative Frobenius change below which a statistic's interval grows.
+        adaptive_min_interval: smallest interval of the adaptive rule (>= 1).
+        adaptive_max_interval: largest interval of the adaptive rule (>= min).
+        adaptive_growth: factor by which an interval grows/shrinks (> 1; 2 = doubling).
+        inverse_method: EIGEN (exact damping, decompose once) or CHOLESKY (pi-corrected).
+        pi_correction: split damping between A and G with pi (CHOLESKY only).
+        fisher_type: EMPIRICAL (true labels) or MONTE_CARLO (sampled labels, adapters provide).
+        loss_reduction: whether the user's loss is a MEAN or SUM over the batch.
+        strategy: distribution strategy (see ``Strategy``).
+        grad_worker_fraction: KAISA fraction of ranks that receive each inverse in (0, 1];
+            1 = COMM_OPT, 1/world = MEM_OPT. Ignored by SPNGD.
+        assignment_cost: cost model of the layer-to-rank plan.
+        symmetric_packing: send only the upper triangle of symmetric factors.
+        wire_dtype: element type of factors and inverses on the wire.
+        stale_inverse: distribute inverses asynchronously; ranks use the previous inverse
+            until the new one arrives (staleness bounded by one refresh).
+        skip_layers: regular expressions; a layer whose name or class name matches is skipped.
+        fusion_threshold_bytes: size of fused communication buffers (>= 0; 0 disables fusion).
+        max_damping: upper bound for damping escalation after repeated decomposition failures.
+    """
+
+    lr: float = 0.1
+    damping: float = 1e-3
+    factor_decay: float = 0.95
+    kl_clip: Optional[float] = 1e-3
+    factor_update_interval: Interval = 1
+    inv_update_interval: Interval = 1
+    interval_policy: IntervalPolicy = IntervalPolicy.FIXED
+    adaptive_threshold: float = 0.05
+    adaptive_min_interval: int = 1
+    adaptive_max_interval: int = 64
+    adaptive_growth: float = 2.0
+    inverse_method: InverseMethod = InverseMethod.EIGEN
+    pi_correction: bool = True
+    fisher_type: FisherType = FisherType.EMPIRICAL
+    loss_reduction: LossReduction = LossReduction.MEAN
+    strategy: Strategy = Strategy.COMM_OPT
+    grad_worker_fraction: float = 1.0
+    assignment_cost: AssignmentCost = AssignmentCost.COMPUTE
+    symmetric_packing: bool = True
+    wire_dtype: WireDtype = WireDtype.FLOAT32
+    stale_inverse: bool = False
+    skip_layers: Tuple[str, ...] = ()
+    fusion_threshold_bytes: int = 64 * 1024 * 1024
+    max_damping: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.interval_policy = _coerce_enum("interval_policy", self.interval_policy, IntervalPolicy)
+        self.inverse_method = _coerce_enum("inverse_method", self.inverse_method, InverseMethod)
+        self.fisher_type = _coerce_enum("fisher_type", self.fisher_type, FisherType)
+        self.loss_reduction = _coerce_enum("loss_reduction", self.loss_reduction, LossReduction)
+        self.strategy = _coerce_enum("strategy", self.strategy, Strategy)
+        self.assignment_cost = _coerce_enum("assignment_cost", self.assignment_cost, AssignmentCost)
+        self.wire_dtype = _coerce_enum("wire_dtype", self.wire_dtype, WireDtype)
+        _check_range("lr", self.lr, 0.0, math.inf, lo_open=True, hi_open=True)
+        _check_range("damping", self.damping, 0.0, math.inf, lo_open=True, hi_open=True)
+        _check_range("factor_decay", self.factor_decay, 0.0, 1.0, hi_open=True)
+        if self.kl_clip is not None:
+            _check_range("kl_clip", self.kl_clip, 0.0, math.inf, lo_open=True, hi_open=True)
+        _check_interval("factor_update_interval", self.factor_update_interval)
+        _check_interval("inv_update_interval", self.inv_update_interval)
+        _check_range("adaptive_threshold", self.adaptive_threshold, 0.0, math.inf, lo_open=True, hi_open=True)
+        for name in ("adaptive_min_interval", "adaptive_max_interval", "fusion_threshold_bytes"):
+            value = getattr(self, name)
+            low = 0 if name == "fusion_threshold_bytes" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise _bad(name, value, f"an int >= {low}")
+        if self.adaptive_max_interval < self.adaptive_min_interval:
+            raise _bad(
+                "adaptive_max_interval",
+                self.adaptive_max_interval,
+                f">= adaptive_min_interval={self.adaptive_min_interval}",
+            )
+        _check_range("adaptive_growth", self.adaptive_growth, 1.0, math.inf, lo_open=True, hi_open=True)
+        _check_range("grad_worker_fraction", self.grad_worker_fraction, 0.0, 1.0, lo_open=True)
+        _check_range("max_damping", self.max_damping, self.damping, math.inf, hi_open=True)
+        for flag in ("pi_correction", "symmetric_packing", "stale_inverse"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _bad(flag, getattr(self, flag), "a bool")
+        if isinstance(self.skip_layers, str):
+            self.skip_layers = (self.skip_layers,)
+        self.skip_layers = tuple(self.skip_layers)
+        if not all(isinstance(p, str) for p in self.skip_layers):
+            raise _bad("skip_layers", self.skip_layers, "a sequence of regular-expression strings")
+
+    def grad_workers(self, world_size: int) -> int:
+        """Number of gradient workers per KAISA group for ``world_size`` ranks.
+
+        Raises:
+            ValueError: when ``grad_worker_fraction * world_size`` is not an integer that
+                divides ``world_size``.
+        """
+        if self.strategy is Strategy.COMM_OPT:
+            return world_size
+        if self.strategy is Strategy.MEM_OPT:
+            return 1
+        workers = self.grad_worker_fraction * world_size
+        rounded = int(round(workers))
+        if rounded < 1 or abs(workers - rounded) > 1e-9 or world_size % rounded != 0:
+            raise ValueError(
+                f"invalid grad_worker_fraction={self.grad_worker_fraction!r} for world size "
+                f"{world_size}: grad_worker_fraction * world_size must be an integer that divides "
+                f"the world size (e.g. one of "
+                f"{sorted({d / world_size for d in range(1, world_size + 1) if world_size % d == 0})})"
+            )
+        return rounded
+
+    def describe(self) -> dict:
+        """Plain-dict view (enum values as strings, callables by name) for consistency checks."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if callable(value):
+                value = getattr(value, "__qualname__", repr(value))
+            elif hasattr(value, "value"):
+                value = value.value
+            out[field.name] = value
+        return out

@@ -1,0 +1,81 @@
+"""Enumerations used across hvd_ngd (no magic strings in configs)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class LayerKind(str, enum.Enum):
+    """Kinds of layers whose curvature hvd_ngd models."""
+
+    LINEAR = "linear"
+    CONV2D = "conv2d"
+    EMBEDDING = "embedding"
+    BATCHNORM = "batchnorm"
+    LAYERNORM = "layernorm"
+
+    @property
+    def is_unitwise(self) -> bool:
+        """Whether the layer uses unit-wise 2x2 Fisher blocks instead of Kronecker factors."""
+        return self in (LayerKind.BATCHNORM, LayerKind.LAYERNORM)
+
+
+class InverseMethod(str, enum.Enum):
+    """How damped Kronecker factors are inverted."""
+
+    EIGEN = "eigen"
+    CHOLESKY = "cholesky"
+
+
+class FisherType(str, enum.Enum):
+    """Which Fisher the factors estimate."""
+
+    EMPIRICAL = "empirical"
+    MONTE_CARLO = "mc"
+
+
+class Strategy(str, enum.Enum):
+    """Distribution strategy for factors, inverses and preconditioned gradients.
+
+    SPNGD: reduce-scatter factors and gradients to owners, all-gather preconditioned gradients.
+    COMM_OPT / MEM_OPT / HYBRID: KAISA; factors allreduced, inverses computed by one rank each
+    and broadcast to gradient workers (COMM_OPT), or the preconditioned gradient broadcast
+    (MEM_OPT), or a mix decided by ``grad_worker_fraction`` (HYBRID).
+    """
+
+    SPNGD = "spngd"
+    COMM_OPT = "comm-opt"
+    MEM_OPT = "mem-opt"
+    HYBRID = "hybrid"
+
+
+class IntervalPolicy(str, enum.Enum):
+    """How often a statistic (factor) and its inverse are refreshed."""
+
+    FIXED = "fixed"
+    ADAPTIVE = "adaptive"
+
+
+class AssignmentCost(str, enum.Enum):
+    """Cost model used to balance factor work across ranks."""
+
+    COMPUTE = "compute"  # ~ n^3 (decomposition)
+    MEMORY = "memory"  # ~ n^2 (storage / communication)
+
+
+class WireDtype(str, enum.Enum):
+    """Element type used to send factors and inverses over the network."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+class LossReduction(str, enum.Enum):
+    """How the user's loss reduces over the batch; G factors need gradients of the summed loss.
+
+    MEAN: captured output gradients are multiplied by the local batch size.
+    SUM: captured output gradients are used as they are.
+    """
+
+    MEAN = "mean"
+    SUM = "sum"

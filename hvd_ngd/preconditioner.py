@@ -1,0 +1,348 @@
+"""The framework-neutral preconditioner engine.
+
+One ``Preconditioner`` per rank owns the running factors, inverses and stale-statistics state
+of the layers it is responsible for. Adapters feed it batch statistics (``accumulate``) and
+gradient matrices (``step``); it communicates through an injected ``Communicator`` and computes
+through an injected ``ArrayOps``, so the same code runs on torch tensors, TF tensors and numpy.
+
+Gradient matrices: K-FAC layers use (out, a_dim) (bias gradient as the last column; Embedding:
+weight_grad^T); unit-wise layers use (2, C) = [grad_gamma; grad_beta].
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+from hvd_ngd import assignment, damping, inverse, kl_clip, running_average, stale, unitwise, wire
+from hvd_ngd.communicator import Communicator
+from hvd_ngd.config import KFACConfig
+from hvd_ngd.enums import InverseMethod, Strategy
+from hvd_ngd.layer_spec import LayerSpec
+from hvd_ngd.ops.base import Array, ArrayOps
+
+logger = logging.getLogger("hvd_ngd")
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+class CurvatureWarning(RuntimeWarning):
+    """A layer fell back to its plain gradient because its curvature was not usable."""
+
+
+def stat_name(layer: str, statistic: str) -> str:
+    """Name of one statistic ("A", "G" or "F") of a layer."""
+    return f"{layer}/{statistic}"
+
+
+def statistics_of(spec: LayerSpec) -> Tuple[str, ...]:
+    """Statistic kinds a layer keeps."""
+    return ("F",) if spec.kind.is_unitwise else ("A", "G")
+
+
+class Preconditioner:
+    """Per-rank K-FAC / SP-NGD engine.
+
+    Args:
+        specs: the registered layers, identical (names, order, shapes) on every rank.
+        config: validated configuration.
+        ops: array backend of the adapter.
+        comm: communicator of the adapter.
+
+    Raises:
+        ValueError: on duplicate layer names or a configuration that does not fit the world.
+    """
+
+    def __init__(self, specs: Sequence[LayerSpec], config: KFACConfig, ops: ArrayOps, comm: Communicator) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"duplicate layer names: {dup}")
+        if config.stale_inverse and config.strategy in (Strategy.SPNGD, Strategy.MEM_OPT):
+            raise ValueError(
+                f"invalid stale_inverse=True with strategy={config.strategy.value!r}: stale-inverse "
+                "distribution overlaps inverse broadcasts, which only comm-opt and hybrid send"
+            )
+        self.specs: Dict[str, LayerSpec] = {s.name: s for s in specs}
+        self.layer_order: List[str] = names
+        self.config = config
+        self.ops = ops
+        self.comm = comm
+        self.world = comm.size
+        self.rank = comm.rank
+        self.grad_workers = 1 if config.strategy is Strategy.SPNGD else config.grad_workers(self.world)
+        self.plan = assignment.assign(
+            list(specs), self.world, config.assignment_cost, split_factors=config.strategy is Strategy.COMM_OPT
+        )
+        self.worker_groups = assignment.grad_worker_groups(self.world, self.grad_workers)
+        self.receiver_groups = assignment.grad_receiver_groups(self.world, self.grad_workers)
+        self.stat_names: List[str] = [stat_name(s.name, k) for s in specs for k in statistics_of(s)]
+        self.tracker = stale.StalenessTracker(config, self.stat_names)
+        self.steps = 0
+        self.damping = config.damping
+        self.factors: Dict[str, Array] = {}
+        self.inverses: Dict[str, inverse.FactorInverse] = {}
+        self.pending: Dict[str, Tuple[List[object], bool]] = {}
+        self._accumulated: Dict[str, Tuple[Array, int]] = {}
+        self._due: Optional[List[str]] = None
+        self.fallbacks: List[Tuple[int, str, str]] = []
+        self._fallen: Set[str] = set()
+        self.last_changes: Dict[str, Optional[float]] = {}
+
+    # ------------------------------------------------------------------ schedule / capture
+    def due_statistics(self) -> List[str]:
+        """Statistics to compute and communicate at the current step (cached per step)."""
+        if self._due is None:
+            self._due = list(self.tracker.due(self.steps))
+        return self._due
+
+    def capture_plan(self) -> Dict[str, Set[str]]:
+        """Layer -> statistic kinds ("A", "G", "F") whose batch value is needed this step."""
+        plan: Dict[str, Set[str]] = {}
+        for name in self.due_statistics():
+            layer, kind = name.rsplit("/", 1)
+            plan.setdefault(layer, set()).add(kind)
+        return plan
+
+    def accumulate(self, layer: str, statistic: str, value: Array) -> None:
+        """Add one micro-batch's statistic (averaged over accumulation steps at ``step``)."""
+        key = stat_name(layer, statistic)
+        if key in self._accumulated:
+            total, count = self._accumulated[key]
+            self._accumulated[key] = (total + value, count + 1)
+        else:
+            self._accumulated[key] = (value, 1)
+
+    def batch_statistic(self, key: str) -> Array:
+        """Mean of the accumulated micro-batch values of one due statistic."""
+        if key not in self._accumulated:
+            layer = key.rsplit("/", 1)[0]
+            raise RuntimeError(
+                f"layer {layer!r} produced no curvature statistics at step {self.steps}: its hooks never "
+                "fired (is its weight used functionally, or was the layer not part of the forward/backward "
+                "pass?). Exclude it with skip_layers, or run forward and backward before step()."
+            )
+        total, count = self._accumulated[key]
+        return total if count == 1 else total / count
+
+    # ------------------------------------------------------------------ owners and groups
+    def layer_owner(self, layer: str) -> int:
+        """Rank that preconditions ``layer`` (and computes its inverses unless split)."""
+        return self.plan.layer_owner[layer]
+
+    def inverse_worker(self, layer: str, statistic: str) -> int:
+        """Rank that computes the inverse of one statistic."""
+        return self.plan.owner(layer, statistic)
+
+    def worker_group(self, layer: str) -> List[int]:
+        """KAISA gradient-worker group of ``layer`` (holds its inverses and preconditions it)."""
+        owner = self.layer_owner(layer)
+        for group in self.worker_groups:
+            if owner in group:
+                return group
+        raise AssertionError("owner not in any worker group")  # pragma: no cover
+
+    # ------------------------------------------------------------------ wire formats
+    def nbytes(self, x: Array) -> int:
+        """Size of a tensor in bytes."""
+        n = 1
+        for d in self.ops.shape(x):
+            n *= d
+        return n * _ITEMSIZE.get(self.ops.dtype_name(x), 4)
+
+    def factor_to_wire(self, key: str, value: Array) -> Array:
+        """Pack (upper triangle) and cast a factor for sending."""
+        spec = self.specs[key.rsplit("/", 1)[0]]
+        flat = value
+        is_matrix = len(self.ops.shape(value)) == 2 and not spec.kind.is_unitwise
+        if is_matrix and self.config.symmetric_packing:
+            flat = wire.pack_symmetric(self.ops, value)
+        else:
+            flat = self.ops.flatten(value)
+        return wire.to_wire(self.ops, flat, self.config.wire_dtype)
+
+    def factor_from_wire(self, key: str, flat: Array, like: Array) -> Array:
+        """Inverse of ``factor_to_wire`` (``like`` gives shape and dtype)."""
+        spec = self.specs[key.rsplit("/", 1)[0]]
+        shape = self.ops.shape(like)
+        value = wire.from_wire(self.ops, flat, self.ops.dtype_name(like))
+        is_matrix = len(shape) == 2 and not spec.kind.is_unitwise
+        if is_matrix and self.config.symmetric_packing:
+            return wire.unpack_symmetric(self.ops, value, shape[0])
+        return self.ops.reshape(value, shape)
+
+    def allreduce_fused(self, tensors: List[Array], tag: str) -> List[Array]:
+        """Average a list of tensors over all ranks in fused buckets."""
+        out: List[Array] = [None] * len(tensors)
+        if not tensors:
+            return out
+        sizes = [self.nbytes(t) for t in tensors]
+        for k, idx in enumerate(wire.bucket(sizes, self.config.fusion_threshold_bytes)):
+            buf, layout = wire.fuse(self.ops, [tensors[i] for i in idx])
+            buf = self.comm.allreduce(buf, name=f"hvd_ngd.{tag}.{k}.{self.ops.shape(buf)[0]}", average=True)
+            for i, t in zip(idx, wire.unfuse(self.ops, buf, layout)):
+                out[i] = t
+        return out
+
+    # ------------------------------------------------------------------ factor math
+    def fold(self, key: str, batch_value: Array) -> Optional[float]:
+        """Fold an averaged batch statistic into the running average.
+
+        Returns:
+            The relative change of the running statistic, or None when the batch value was not
+            finite (then it is not folded and the layer falls back this step).
+        """
+        if not self.ops.all_finite(batch_value):
+            self.fall_back(key.rsplit("/", 1)[0], f"non-finite statistic {key}")
+            return None
+        previous = self.factors.get(key)
+        updated = running_average.ema(self.ops, previous, batch_value, self.config.factor_decay)
+        self.factors[key] = updated
+        return stale.relative_change(self.ops, updated, previous)
+
+    def compute_inverse(self, layer: str, statistic: str) -> inverse.FactorInverse:
+        """Invert (or decompose) one running factor of ``layer``."""
+        spec = self.specs[layer]
+        a = self.factors[stat_name(layer, "A")]
+        g = self.factors[stat_name(layer, "G")]
+        share = 0.0
+        if self.config.inverse_method is InverseMethod.CHOLESKY:
+            da, dg = damping.cholesky_damping(
+                self.ops, a, g, self.damping, self.config.pi_correction, a_is_diagonal=spec.a_is_diagonal
+            )
+            share = da if statistic == "A" else dg
+        factor = a if statistic == "A" else g
+        diagonal = statistic == "A" and spec.a_is_diagonal
+        return inverse.invert_factor(self.ops, factor, self.config.inverse_method, share, diagonal=diagonal)
+
+    def inverse_template(self, layer: str, statistic: str) -> List[Array]:
+        """Zero tensors shaped like the wire form of an inverse (for receiving a broadcast)."""
+        spec = self.specs[layer]
+        n = spec.a_dim if statistic == "A" else spec.g_dim
+        diagonal = statistic == "A" and spec.a_is_diagonal
+        like = self.factors[stat_name(layer, statistic)]
+        dtype = "float64" if self.ops.dtype_name(like) == "float64" else "float32"
+        like = self.ops.cast(like, dtype)
+        if self.config.inverse_method is InverseMethod.EIGEN:
+            vals = self.ops.zeros((n,), like)
+            return [vals] if diagonal else [vals, self.ops.zeros((n, n), like)]
+        return [self.ops.zeros((n,) if diagonal else (n, n), like)]
+
+    def precondition_layer(self, layer: str, grad: Array) -> Array:
+        """Natural gradient of one layer from its current inverses (or unit-wise Fisher)."""
+        spec = self.specs[layer]
+        if spec.kind.is_unitwise:
+            fisher = self.factors[stat_name(layer, "F")]
+            pg, pb = unitwise.unitwise_precondition(self.ops, fisher, grad[0], grad[1], self.damping)
+            return self.ops.stack([pg, pb], 0)
+        return inverse.precondition_kronecker(
+            self.ops, grad, self.inverses[stat_name(layer, "A")], self.inverses[stat_name(layer, "G")], self.damping
+        )
+
+    def has_curvature(self, layer: str) -> bool:
+        """Whether the layer has what ``precondition_layer`` needs."""
+        spec = self.specs[layer]
+        if spec.kind.is_unitwise:
+            return stat_name(layer, "F") in self.factors
+        return stat_name(layer, "A") in self.inverses and stat_name(layer, "G") in self.inverses
+
+    def fall_back(self, layer: str, reason: str) -> None:
+        """Record and warn that ``layer`` uses its plain gradient at this step."""
+        self.fallbacks.append((self.steps, layer, reason))
+        self._fallen.add(layer)
+        warnings.warn(
+            f"hvd_ngd: layer {layer!r} uses its plain gradient at step {self.steps}: {reason}",
+            CurvatureWarning,
+            stacklevel=3,
+        )
+
+    def fell_back(self, layer: str) -> bool:
+        """Whether ``layer`` already fell back to its plain gradient at this step."""
+        return layer in self._fallen
+
+    def checked(self, layers: Sequence[str], pgrads: Dict[str, Array], grads: Mapping[str, Array]) -> None:
+        """Replace non-finite preconditioned gradients by the plain gradient (one host sync)."""
+        if not layers:
+            return
+        sums = self.ops.stack([self.ops.sum(pgrads[n]) for n in layers], 0)
+        if self.ops.all_finite(sums):
+            return
+        for n in layers:
+            if not self.ops.all_finite(pgrads[n]):
+                self.fall_back(n, "non-finite preconditioned gradient (singular or non-finite curvature)")
+                pgrads[n] = grads[n]
+
+    def kl_scale(self, vg_sum: Array) -> float:
+        """KL-clipping scale from sum(v . g) over all layers."""
+        if self.config.kl_clip is None:
+            return 1.0
+        return kl_clip.kl_clip_scale_from_sum(self.ops, vg_sum, self.config.lr, self.config.kl_clip)
+
+    def vg_sum(self, layers: Sequence[str], pgrads: Mapping[str, Array], grads: Mapping[str, Array]) -> Array:
+        """sum over layers of sum(v * g)."""
+        total = None
+        for n in layers:
+            term = self.ops.sum(pgrads[n] * grads[n])
+            total = term if total is None else total + term
+        return total
+
+    # ------------------------------------------------------------------ the step
+    def step(
+        self, grads: Mapping[str, Array], other_grads: Sequence[Array] = ()
+    ) -> Tuple[Dict[str, Array], List[Array]]:
+        """Precondition one step's gradients.
+
+        Args:
+            grads: layer name -> gradient matrix for every registered layer. For KAISA
+                strategies they must already be averaged over ranks; for SPNGD they are local.
+            other_grads: gradients of parameters that are not preconditioned. SPNGD averages them
+                (one fused allreduce); KAISA returns them unchanged.
+
+        Returns:
+            Preconditioned gradient matrices (KL-clipped) and the other gradients.
+        """
+        missing = [n for n in self.layer_order if n not in grads]
+        if missing:
+            raise ValueError(f"step() got no gradient for registered layers {missing}")
+        from hvd_ngd.strategies import kaisa, spngd  # local import: strategies import this module
+
+        self.due_statistics()
+        if self.config.strategy is Strategy.SPNGD:
+            result = spngd.step(self, grads, other_grads)
+        else:
+            result = kaisa.step(self, grads), list(other_grads)
+        self._accumulated.clear()
+        self._fallen.clear()
+        self._due = None
+        self.steps += 1
+        return result
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """This rank's state as numpy arrays and plain Python values."""
+        return {
+            "steps": self.steps,
+            "damping": self.damping,
+            "tracker": self.tracker.state_dict(),
+            "factors": {k: self.ops.to_numpy(v) for k, v in self.factors.items()},
+            "inverses": {
+                k: [self.ops.to_numpy(t) for t in inverse.inverse_to_tensors(v)] for k, v in self.inverses.items()
+            },
+            "inverse_kinds": {k: (v.method.value, v.eigvecs is None and v.inverse is None) for k, v in self.inverses.items()},
+        }
+
+    def load_state_dict(self, state: dict, like: Array) -> None:
+        """Restore ``state_dict`` output; ``like`` gives the tensor type/device of factors."""
+        self.steps = int(state["steps"])
+        self.damping = float(state["damping"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.factors = {k: self.ops.from_numpy(v, like=like) for k, v in state["factors"].items()}
+        self.inverses = {}
+        for key, tensors in state["inverses"].items():
+            layer, statistic = key.rsplit("/", 1)
+            diagonal = statistic == "A" and self.specs[layer].a_is_diagonal
+            method = InverseMethod(state["inverse_kinds"][key][0])
+            self.inverses[key] = inverse.inverse_from_tensors(
+                self.ops, method, diagonal, [self.ops.from_numpy(t, like=like) for t in tensors]
+            )

@@ -1,0 +1,1 @@
+"""Distribution strategies of the preconditioner engine (one module per strategy family)."""

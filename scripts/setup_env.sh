@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One-time, idempotent environment setup for hvd_ngd.
+#
+# Creates .venv/ with pinned torch (CPU), tensorflow-cpu 2.17 + tf-keras, and a horovod 0.28.1
+# wheel built from the PyPI sdist with the C++17 fix, PyTorch + TensorFlow + Gloo + MPI enabled.
+# The built wheel is cached outside the repository, keyed by (horovod, torch, tensorflow, python)
+# versions, so a second run takes seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${HVD_NGD_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+HOROVOD_VERSION="0.28.1"
+TORCH_VERSION="2.13.0"
+TF_VERSION="2.17.1"
+TF_KERAS_VERSION="2.17.0"
+NUMPY_VERSION="1.26.4"
+CACHE_ROOT="${HVD_NGD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd_ngd}"
+
+log() { printf '[setup] %s\n' "$*"; }
+
+# 1. Open MPI (Debian). Skip when present; never require root when it is already there.
+if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ]; then
+    log "installing libopenmpi-dev openmpi-bin"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin >/dev/null
+  else
+    log "ERROR: Open MPI is missing and this is not root. Run: sudo apt-get install libopenmpi-dev openmpi-bin"
+    exit 1
+  fi
+fi
+
+# 2. Virtual environment with pinned packages.
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+STAMP="$VENV/.hvd_ngd_stamp"
+REQS="$ROOT/requirements/env.txt"
+want_stamp="$(cat "$REQS" "$0" | sha256sum | cut -c1-16)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want_stamp" ]; then
+  log "installing pinned packages (first run: a few minutes)"
+  "$PY" -m pip install -q --upgrade "pip<25" wheel setuptools packaging
+  "$PY" -m pip install -q -r "$REQS"
+fi
+
+py_tag="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+torch_v="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
+tf_v="$("$PY" -c 'import tensorflow as tf; print(tf.__version__)' 2>/dev/null)"
+KEY="horovod-${HOROVOD_VERSION}_torch-${torch_v}_tf-${tf_v}_${py_tag}"
+WHEEL_DIR="$CACHE_ROOT/wheels/$KEY"
+
+# 3. Horovod wheel: build once per key, then reuse.
+if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
+  log "building horovod $HOROVOD_VERSION for $KEY (10-25 minutes, once)"
+  BUILD="$(mktemp -d)"
+  "$PY" -m pip download -q --no-deps --no-binary :all: -d "$BUILD" "horovod==$HOROVOD_VERSION"
+  tar -xzf "$BUILD/horovod-$HOROVOD_VERSION.tar.gz" -C "$BUILD"
+  SRC="$BUILD/horovod-$HOROVOD_VERSION"
+  # torch >= 2.1 headers need C++17; the sdist forces C++14.
+  sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
+  grep -q 'CMAKE_CXX_STANDARD 17' "$SRC/CMakeLists.txt" || { log "ERROR: C++17 patch did not apply"; exit 1; }
+  mkdir -p "$WHEEL_DIR.tmp"
+  if ! (cd "$SRC" && HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
+        HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo MAKEFLAGS="-j$(nproc)" \
+        "$PY" -m pip wheel -v --no-build-isolation --no-deps -w "$WHEEL_DIR.tmp" . >"$BUILD/build.log" 2>&1); then
+    log "ERROR: horovod build failed; relevant lines of $BUILD/build.log:"
+    grep -iE 'error|fatal|not found' "$BUILD/build.log" | tail -40
+    exit 1
+  fi
+  rm -rf "$WHEEL_DIR"; mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"
+  rm -rf "$BUILD"
+fi
+if ! "$PY" -c 'import horovod' 2>/dev/null || [ "$("$PY" -c 'import horovod; print(horovod.__version__)')" != "$HOROVOD_VERSION" ] \
+   || [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want_stamp" ]; then
+  log "installing cached horovod wheel from $WHEEL_DIR"
+  "$PY" -m pip install -q --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
+  "$PY" -m pip install -q cloudpickle psutil pyyaml cffi
+  "$PY" -m pip install -q --no-deps -e "$ROOT"
+fi
+
+# 4. Prove the build: horovodrun --check-build must list every framework and controller.
+CHECK="$("$VENV/bin/horovodrun" --check-build 2>&1)"
+missing=""
+for item in PyTorch TensorFlow MPI Gloo; do
+  echo "$CHECK" | grep -qE "\[X\] $item" || missing="$missing $item"
+done
+if [ -n "$missing" ]; then
+  log "ERROR: horovod is missing:$missing"
+  echo "$CHECK"
+  exit 1
+fi
+echo "$want_stamp" >"$STAMP"
+log "ready: $VENV (horovod $HOROVOD_VERSION, torch $torch_v, tensorflow $tf_v; PyTorch TensorFlow MPI Gloo)"
