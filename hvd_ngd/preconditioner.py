@@ -83,7 +83,7 @@ class Preconditioner:
         self.damping = config.damping
         self.factors: Dict[str, Array] = {}
         self.inverses: Dict[str, inverse.FactorInverse] = {}
-        self.pending: Dict[str, Tuple[List[object], bool]] = {}
+        self.pending: Dict[str, Tuple[List[object], bool, bool]] = {}
         self._accumulated: Dict[str, Tuple[Array, int]] = {}
         self._due: Optional[List[str]] = None
         self.fallbacks: List[Tuple[int, str, str]] = []
@@ -277,7 +277,8 @@ class Preconditioner:
         """KL-clipping scale from sum(v . g) over all layers."""
         if self.config.kl_clip is None:
             return 1.0
-        return kl_clip.kl_clip_scale_from_sum(self.ops, vg_sum, self.config.lr, self.config.kl_clip)
+        value = vg_sum if isinstance(vg_sum, float) else self.ops.to_float(vg_sum)
+        return kl_clip.kl_clip_scale_from_sum(value, self.config.lr, self.config.kl_clip)
 
     def vg_sum(self, layers: Sequence[str], pgrads: Mapping[str, Array], grads: Mapping[str, Array]) -> Array:
         """sum over layers of sum(v * g)."""

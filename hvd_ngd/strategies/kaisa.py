@@ -34,9 +34,9 @@ def update_factors(engine: "Preconditioner") -> None:
 
 
 def _swap_pending(engine: "Preconditioner") -> None:
-    """Install inverses whose asynchronous broadcast was started at an earlier step."""
-    for key, (handles, diagonal) in list(engine.pending.items()):
-        tensors = [engine.comm.wait(h) for h in handles]
+    """Install inverses refreshed at an earlier step (stale-inverse mode)."""
+    for key, (handles, diagonal, remote) in list(engine.pending.items()):
+        tensors = [engine.comm.wait(h) for h in handles] if remote else handles
         engine.inverses[key] = inverse.inverse_from_tensors(engine.ops, engine.config.inverse_method, diagonal, tensors)
     engine.pending.clear()
 
@@ -72,10 +72,11 @@ def update_inverses(engine: "Preconditioner") -> None:
             else:
                 handles = tensors
             started[key] = (handles, diagonal, len(members) > 1)
-    # Stale mode keeps the previous inverse; the first inverse of a statistic is always waited for.
+    # Stale mode keeps using the previous inverse for this step, on every rank and whatever the
+    # world size (so a 1-rank run follows the same schedule); the first inverse is waited for.
     for key, (handles, diagonal, remote) in started.items():
-        if asynchronous and remote and key in engine.inverses:
-            engine.pending[key] = (handles, diagonal)
+        if asynchronous and key in engine.inverses:
+            engine.pending[key] = (handles, diagonal, remote)
             continue
         tensors = [engine.comm.wait(h) for h in handles] if remote else handles
         engine.inverses[key] = inverse.inverse_from_tensors(engine.ops, engine.config.inverse_method, diagonal, tensors)

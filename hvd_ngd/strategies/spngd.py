@@ -125,7 +125,7 @@ def step(
         scalar_index.extend(range(offset, offset + count))
         offset += count
     scalars = ops.to_numpy(ops.concat([gathered[i : i + 1] for i in scalar_index], 0))  # one host sync
-    vg_total = ops.from_numpy(np.asarray(0.0), like)
+    vg_total = 0.0
     pos = 0
     for r in range(world):
         vg_total = vg_total + float(scalars[pos])

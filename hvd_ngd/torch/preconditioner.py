@@ -1,0 +1,202 @@
+"""``hvd_ngd.torch.KFAC``: K-FAC / SP-NGD preconditioning of a torch model's gradients."""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from hvd_ngd import capture
+from hvd_ngd.communicator import Communicator
+from hvd_ngd.config import KFACConfig
+from hvd_ngd.consistency import check_consistent
+from hvd_ngd.enums import LossReduction, Strategy
+from hvd_ngd.preconditioner import Preconditioner
+from hvd_ngd.torch.layers import TorchLayer, make_layer
+from hvd_ngd.torch.ops import TorchOps
+
+
+class KFAC:
+    """Natural-gradient preconditioner for a torch model in a Horovod job.
+
+    The canonical Horovod pattern::
+
+        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        kfac = hvd_ngd.torch.KFAC(model, lr=0.1, damping=1e-3)
+        loss.backward()
+        optimizer.synchronize()
+        kfac.step()
+        with optimizer.skip_synchronize():
+            optimizer.step()
+
+    ``step()`` replaces each registered layer's ``.grad`` by its preconditioned gradient.
+
+    Args:
+        model: the model; supported modules (Linear, Conv2d, BatchNorm1d/2d, SyncBatchNorm,
+            LayerNorm, Embedding) are registered, everything else keeps its plain gradient.
+        reduce_gradients: average gradients over ranks inside ``step()`` (required by
+            ``strategy='spngd'``, which reduce-scatters them; set it when the optimizer is not
+            a ``hvd.DistributedOptimizer``). With it, gradients of unregistered parameters are
+            averaged too.
+        grad_scaler: a ``torch.amp.GradScaler`` whose scale is removed from captured output
+            gradients (call ``scaler.unscale_(optimizer)`` before ``step()``).
+        communicator: injected collectives (defaults to Horovod's).
+        **config: ``hvd_ngd.KFACConfig`` fields.
+
+    Raises:
+        ValueError: bad configuration, no supported layer, or ranks that disagree.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        reduce_gradients: bool = False,
+        grad_scaler: Any = None,
+        communicator: Optional[Communicator] = None,
+        **config: Any,
+    ) -> None:
+        self.config = KFACConfig(**config)
+        if self.config.strategy is Strategy.SPNGD and not reduce_gradients:
+            raise ValueError(
+                "strategy='spngd' reduce-scatters gradients itself: use hvd_ngd.torch.DistributedOptimizer, "
+                "or KFAC(..., reduce_gradients=True) with a plain (non-Horovod) optimizer"
+            )
+        self.model = model
+        self.reduce_gradients = reduce_gradients
+        self.grad_scaler = grad_scaler
+        if communicator is None:
+            from hvd_ngd.torch.communicator import HorovodCommunicator
+
+            communicator = HorovodCommunicator()
+        self.comm = communicator
+        self.ops = TorchOps()
+        self.layers: List[TorchLayer] = []
+        self.skipped: Dict[str, str] = {}
+        patterns = [re.compile(p) for p in self.config.skip_layers]
+        for name, module in model.named_modules():
+            name = name or "root"
+            layer, reason = make_layer(name, module)
+            if layer is None:
+                if reason is not None:
+                    self.skipped[name] = reason
+                    warnings.warn(f"hvd_ngd: not preconditioning {name!r} ({type(module).__name__}): {reason}")
+                continue
+            if any(p.search(name) or p.search(type(module).__name__) for p in patterns):
+                self.skipped[name] = "matched skip_layers"
+                continue
+            self.layers.append(layer)
+        if not self.layers:
+            raise ValueError(
+                "hvd_ngd.torch.KFAC found no supported layer (Linear, Conv2d, BatchNorm1d/2d, LayerNorm, "
+                f"Embedding) in {type(model).__name__}; skipped: {self.skipped}"
+            )
+        specs = [layer.spec for layer in self.layers]
+        check_consistent(self.comm, specs, self.config)
+        self.engine = Preconditioner(specs, self.config, self.ops, self.comm)
+        register = getattr(self.comm, "register_groups", None)
+        if register is not None:
+            register(list(self.engine.worker_groups) + list(self.engine.receiver_groups))
+        covered = {id(p) for layer in self.layers for p in layer.params()}
+        self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
+        self._backward_seen = False
+        self._handles = [
+            layer.module.register_forward_hook(functools.partial(self._forward_hook, layer)) for layer in self.layers
+        ]
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_hook(self, layer: TorchLayer, module: nn.Module, inputs: Sequence[Any], output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()) or not torch.is_tensor(output):
+            return
+        wanted = self.engine.capture_plan().get(layer.name, set())
+        x = inputs[0]
+        batch = layer.batch_size(x)
+        if "A" in wanted:
+            with torch.no_grad():
+                a = capture.a_statistic(self.ops, layer.spec, layer.a_input(x.detach()), like=module.weight)
+            self.engine.accumulate(layer.name, "A", a)
+        x_hat = layer.x_hat(output) if "F" in wanted else None
+        if output.requires_grad:
+            output.register_hook(functools.partial(self._output_grad_hook, layer, wanted, batch, x_hat))
+
+    def _output_grad_hook(
+        self, layer: TorchLayer, wanted: set, batch: int, x_hat: Optional[torch.Tensor], grad: torch.Tensor
+    ) -> None:
+        self._backward_seen = True
+        if not wanted & {"G", "F"}:
+            return
+        scale = float(batch) if self.config.loss_reduction is LossReduction.MEAN else 1.0
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            scale /= float(self.grad_scaler.get_scale())
+        with torch.no_grad():
+            g = layer.g_output(grad.detach())
+            if "G" in wanted:
+                self.engine.accumulate(layer.name, "G", capture.g_statistic(self.ops, layer.spec, g, scale))
+            if "F" in wanted:
+                self.engine.accumulate(layer.name, "F", capture.f_statistic(self.ops, layer.spec, x_hat, g, scale))
+
+    # ------------------------------------------------------------------ step
+    def step(self, lr: Optional[float] = None) -> None:
+        """Precondition the registered layers' gradients in place.
+
+        Args:
+            lr: current learning rate for KL clipping (defaults to the configured ``lr``).
+
+        Raises:
+            RuntimeError: when no backward pass ran since the last ``step()`` (called before
+                ``loss.backward()``, or twice for one backward).
+        """
+        if not self._backward_seen:
+            raise RuntimeError(
+                "hvd_ngd: KFAC.step() was called without a backward pass since the last step(): call "
+                "loss.backward() (and optimizer.synchronize()) first, and step() once per optimizer step"
+            )
+        if lr is not None:
+            self.engine.config.lr = float(lr)
+        grads = {layer.name: layer.grad_matrix() for layer in self.layers}
+        others: List[torch.Tensor] = []
+        if self.reduce_gradients:
+            for p in self.other_params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                others.append(p.grad)
+            if self.config.strategy is not Strategy.SPNGD:
+                names = list(grads)
+                reduced = self.engine.allreduce_fused([grads[n] for n in names] + others, f"grads.s{self.engine.steps}")
+                grads = dict(zip(names, reduced[: len(names)]))
+                others = reduced[len(names) :]
+        pgrads, others_out = self.engine.step(grads, others if self.config.strategy is Strategy.SPNGD else [])
+        if self.config.strategy is not Strategy.SPNGD:
+            others_out = others
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.set_grad_matrix(pgrads[layer.name])
+            for p, g in zip(self.other_params if self.reduce_gradients else [], others_out):
+                if g is not p.grad:
+                    p.grad.copy_(g)
+        self._backward_seen = False
+
+    @property
+    def steps(self) -> int:
+        """Number of preconditioned steps so far."""
+        return self.engine.steps
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """Running factors, inverses and stale-statistics state of this rank."""
+        return {"engine": self.engine.state_dict(), "config": self.config.describe()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore ``state_dict`` output (same layers, world size and strategy)."""
+        like = next(iter(self.layers)).module.weight
+        self.engine.load_state_dict(state["engine"], like=like)
+
+    def remove_hooks(self) -> None:
+        """Detach from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
