@@ -80,7 +80,8 @@ class HorovodCommunicator:
         return hvd.broadcast_async(x.contiguous(), root, name=name, process_set=self._process_set(group))
 
     def wait(self, handle: Any) -> torch.Tensor:
-        return hvd.synchronize(handle)
+        """Result of an asynchronous collective (a tensor is returned as it is)."""
+        return handle if torch.is_tensor(handle) else hvd.synchronize(handle)
 
     def allgather_object(self, obj: Any, *, name: str) -> List[Any]:
         return hvd.allgather_object(obj, name=name)

@@ -91,7 +91,7 @@ def assert_equivalent(config: dict) -> None:
     model = train_distributed(config)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     ref = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
-    gathered = hvd.allgather(flat.unsqueeze(0))
+    gathered = hvd.allgather(flat.unsqueeze(0), name="test.params")
     for r in range(hvd.size()):
         assert torch.equal(gathered[r], gathered[0]), f"rank {r} parameters differ from rank 0"
     init = torch.cat([p.detach().reshape(-1) for p in make_model().parameters()])
