@@ -42,8 +42,10 @@ REQS="$ROOT/requirements/env.txt"
 want_stamp="$(cat "$REQS" "$0" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want_stamp" ]; then
   log "installing pinned packages (first run: a few minutes)"
-  "$PY" -m pip install -q --upgrade "pip<25" wheel setuptools packaging
-  "$PY" -m pip install -q -r "$REQS"
+  # (pip warns once per package about this machine's missing local index folders: filtered)
+  "$PY" -m pip install -q --upgrade "pip<25" wheel setuptools packaging 2>&1 | grep -v "is ignored: it is neither" || true
+  "$PY" -m pip install -q -r "$REQS" 2>&1 | grep -v "is ignored: it is neither" || true
+  "$PY" -c "import torch, tensorflow, numpy, mpi4py, pytest, sklearn" || { log "ERROR: pinned packages failed to install"; exit 1; }
 fi
 
 py_tag="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
@@ -77,8 +79,8 @@ if ! "$PY" -c 'import horovod' 2>/dev/null || [ "$("$PY" -c 'import horovod; pri
    || [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want_stamp" ]; then
   log "installing cached horovod wheel from $WHEEL_DIR"
   "$PY" -m pip install -q --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
-  "$PY" -m pip install -q cloudpickle psutil pyyaml cffi
-  "$PY" -m pip install -q --no-deps -e "$ROOT"
+  "$PY" -m pip install -q cloudpickle psutil pyyaml cffi 2>&1 | grep -v "is ignored: it is neither" || true
+  "$PY" -m pip install -q --no-deps -e "$ROOT" 2>&1 | grep -vE "is ignored: it is neither|DEPRECATION" || true
 fi
 
 # 4. Prove the build: horovodrun --check-build must list every framework and controller.
@@ -93,4 +95,5 @@ if [ -n "$missing" ]; then
   exit 1
 fi
 echo "$want_stamp" >"$STAMP"
+"$PY" -c "import hvd_ngd" || { log "ERROR: hvd_ngd is not importable from $VENV"; exit 1; }
 log "ready: $VENV (horovod $HOROVOD_VERSION, torch $torch_v, tensorflow $tf_v; PyTorch TensorFlow MPI Gloo)"

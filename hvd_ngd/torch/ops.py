@@ -112,7 +112,9 @@ class TorchOps:
 
     def eigh(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         vals, vecs = torch.linalg.eigh(x)
-        return vals, vecs
+        # Contiguous so that results do not depend on memory layout (bitwise-reproducible
+        # resumes: restored eigenvectors are contiguous too).
+        return vals, vecs.contiguous()
 
     def cholesky_inverse(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cholesky_inverse(torch.linalg.cholesky(x))

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Run hvd_ngd's test phases, each in its own process group with a hard timeout.
+
+Phases (torch and TensorFlow never share a process):
+    core          pytest tests/core (numpy only)
+    torch         pytest tests/torch, single process
+    torch-np2     horovodrun -np 2 pytest tests/torch/distributed -m "not np4"
+    torch-np4     horovodrun -np 4 pytest tests/torch/distributed -m np4
+    tf            pytest tests/tensorflow, single process
+    tf-np2 / tf-np4  the same for tests/tensorflow/distributed
+
+A phase that hangs is killed with its whole process group and reported as HUNG. The last line
+is ``N passed, M failed`` counting tests (rank 0's pytest summary for multi-rank phases).
+Usage: scripts/run_tests.py [--only PHASE[,PHASE...]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv" / "bin"
+PY = str(VENV / "python")
+HOROVODRUN = str(VENV / "horovodrun")
+PYTEST = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout=600"]
+
+
+def horovod(np_: int, args: List[str]) -> List[str]:
+    return [HOROVODRUN, "-np", str(np_), "-H", f"localhost:{np_}", "--gloo"] + PYTEST + args
+
+
+PHASES: Dict[str, Tuple[List[str], str, int]] = {
+    "core": (PYTEST + ["tests/core"], "tests/core", 900),
+    "torch": (PYTEST + ["tests/torch", "--ignore=tests/torch/distributed"], "tests/torch", 900),
+    "torch-np2": (horovod(2, ["tests/torch/distributed", "-m", "not np4"]), "tests/torch/distributed", 1500),
+    "torch-np4": (horovod(4, ["tests/torch/distributed", "-m", "np4"]), "tests/torch/distributed", 900),
+    "tf": (PYTEST + ["tests/tensorflow", "--ignore=tests/tensorflow/distributed"], "tests/tensorflow", 900),
+    "tf-np2": (horovod(2, ["tests/tensorflow/distributed", "-m", "not np4"]), "tests/tensorflow/distributed", 1500),
+    "tf-np4": (horovod(4, ["tests/tensorflow/distributed", "-m", "np4"]), "tests/tensorflow/distributed", 900),
+}
+
+SUMMARY = re.compile(r"(?:\[0\]<stdout>:)?=*\s*(.*\b(?:passed|failed|error|errors|deselected|skipped|no tests ran)\b.*) in [\d.]+s")
+
+
+def count(output: str) -> Tuple[int, int]:
+    """(passed, failed+errors) from the last pytest summary line of rank 0 (or the only rank)."""
+    lines = [l for l in output.splitlines() if SUMMARY.search(l) and (l.startswith("[0]") or not l.startswith("["))]
+    if not lines:
+        return 0, 0
+    text = SUMMARY.search(lines[-1]).group(1)
+    get = lambda word: sum(int(n) for n in re.findall(rf"(\d+) {word}", text))  # noqa: E731
+    return get("passed"), get("failed") + get("errors?")
+
+
+def run_phase(name: str) -> Tuple[str, float, int, int]:
+    cmd, path, timeout = PHASES[name]
+    if not (ROOT / path).is_dir():
+        return "SKIPPED (no tests)", 0.0, 0, 0
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
+    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    chunks: List[str] = []
+    hung = False
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        chunks.append(out)
+    except subprocess.TimeoutExpired:
+        hung = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        chunks.append(out)
+    output = "".join(chunks)
+    sys.stdout.write(output)
+    elapsed = time.time() - start
+    passed, failed = count(output)
+    if hung:
+        return f"HUNG (killed after {timeout}s)", elapsed, passed, max(failed, 1)
+    if proc.returncode == 5 or (proc.returncode != 0 and "no tests ran" in output and failed == 0):
+        return "OK (no tests collected)", elapsed, passed, failed
+    if proc.returncode != 0:
+        return f"FAILED (exit {proc.returncode})", elapsed, passed, max(failed, 1)
+    return "OK", elapsed, passed, failed
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help=f"comma-separated phases from: {', '.join(PHASES)}")
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(PHASES)
+    unknown = [n for n in names if n not in PHASES]
+    if unknown:
+        parser.error(f"unknown phases {unknown}; choose from {list(PHASES)}")
+    results = [(n,) + run_phase(n) for n in names]
+    print("\n=== summary")
+    print(f"{'phase':<12} {'result':<34} {'seconds':>8} {'passed':>7} {'failed':>7}")
+    for name, result, secs, passed, failed in results:
+        print(f"{name:<12} {result:<34} {secs:>8.1f} {passed:>7} {failed:>7}")
+    total_passed = sum(r[3] for r in results)
+    total_failed = sum(r[4] for r in results)
+    bad = any(not r[1].startswith(("OK", "SKIPPED")) for r in results)
+    print(f"{total_passed} passed, {total_failed} failed")
+    return 1 if bad or total_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
