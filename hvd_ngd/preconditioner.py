@@ -80,7 +80,9 @@ class Preconditioner:
         self.stat_names: List[str] = [stat_name(s.name, k) for s in specs for k in statistics_of(s)]
         self.tracker = stale.StalenessTracker(config, self.stat_names)
         self.steps = 0
-        self.damping = config.damping
+        self.layer_damping: Dict[str, float] = {n: config.damping for n in names}
+        self.force_inverse: Set[str] = set()  # to recompute at the next step (after a failure)
+        self._forced_now: Set[str] = set()
         self.factors: Dict[str, Array] = {}
         self.inverses: Dict[str, inverse.FactorInverse] = {}
         self.pending: Dict[str, Tuple[List[object], bool, bool]] = {}
@@ -206,15 +208,32 @@ class Preconditioner:
         spec = self.specs[layer]
         a = self.factors[stat_name(layer, "A")]
         g = self.factors[stat_name(layer, "G")]
-        share = 0.0
-        if self.config.inverse_method is InverseMethod.CHOLESKY:
-            da, dg = damping.cholesky_damping(
-                self.ops, a, g, self.damping, self.config.pi_correction, a_is_diagonal=spec.a_is_diagonal
-            )
-            share = da if statistic == "A" else dg
-        factor = a if statistic == "A" else g
         diagonal = statistic == "A" and spec.a_is_diagonal
-        return inverse.invert_factor(self.ops, factor, self.config.inverse_method, share, diagonal=diagonal)
+        try:
+            share = 0.0
+            if self.config.inverse_method is InverseMethod.CHOLESKY:
+                da, dg = damping.cholesky_damping(
+                    self.ops, a, g, self.layer_damping[layer], self.config.pi_correction, a_is_diagonal=spec.a_is_diagonal
+                )
+                share = da if statistic == "A" else dg
+            factor = a if statistic == "A" else g
+            return inverse.invert_factor(self.ops, factor, self.config.inverse_method, share, diagonal=diagonal)
+        except Exception as exc:  # noqa: BLE001 - any backend's linear-algebra failure
+            # A NaN inverse travels like a good one, so every rank that uses it falls back alike.
+            warnings.warn(
+                f"hvd_ngd: inverting {stat_name(layer, statistic)} failed at step {self.steps} ({exc}); "
+                "the layer uses its plain gradient until a decomposition succeeds",
+                CurvatureWarning,
+                stacklevel=2,
+            )
+            tensors = [t * float("nan") for t in self.inverse_template(layer, statistic)]
+            return inverse.inverse_from_tensors(self.ops, self.config.inverse_method, diagonal, tensors)
+
+    def inverse_due(self, layer: str, statistic: str) -> bool:
+        """Whether an inverse is recomputed now: by schedule, or after a failure at the last step."""
+        key = stat_name(layer, statistic)
+        due = self.tracker.inverse_due(self.steps, key)
+        return due or key in self._forced_now
 
     def inverse_template(self, layer: str, statistic: str) -> List[Array]:
         """Zero tensors shaped like the wire form of an inverse (for receiving a broadcast)."""
@@ -234,10 +253,10 @@ class Preconditioner:
         spec = self.specs[layer]
         if spec.kind.is_unitwise:
             fisher = self.factors[stat_name(layer, "F")]
-            pg, pb = unitwise.unitwise_precondition(self.ops, fisher, grad[0], grad[1], self.damping)
+            pg, pb = unitwise.unitwise_precondition(self.ops, fisher, grad[0], grad[1], self.layer_damping[layer])
             return self.ops.stack([pg, pb], 0)
         return inverse.precondition_kronecker(
-            self.ops, grad, self.inverses[stat_name(layer, "A")], self.inverses[stat_name(layer, "G")], self.damping
+            self.ops, grad, self.inverses[stat_name(layer, "A")], self.inverses[stat_name(layer, "G")], self.layer_damping[layer]
         )
 
     def has_curvature(self, layer: str) -> bool:
@@ -270,8 +289,16 @@ class Preconditioner:
             return
         for n in layers:
             if not self.ops.all_finite(pgrads[n]):
-                self.fall_back(n, "non-finite preconditioned gradient (singular or non-finite curvature)")
+                old = self.layer_damping[n]
+                self.layer_damping[n] = min(self.config.max_damping, old * 10.0)
+                self.fall_back(
+                    n,
+                    "non-finite preconditioned gradient (singular or non-finite curvature); damping "
+                    f"{old:g} -> {self.layer_damping[n]:g}, inverses recomputed next step",
+                )
                 pgrads[n] = grads[n]
+                if not self.specs[n].kind.is_unitwise:
+                    self.force_inverse.update({stat_name(n, "A"), stat_name(n, "G")})
 
     def kl_scale(self, vg_sum: Array) -> float:
         """KL-clipping scale from sum(v . g) over all layers."""
@@ -309,6 +336,7 @@ class Preconditioner:
         from hvd_ngd.strategies import kaisa, spngd  # local import: strategies import this module
 
         self.due_statistics()
+        self._forced_now, self.force_inverse = self.force_inverse, set()
         if self.config.strategy is Strategy.SPNGD:
             result = spngd.step(self, grads, other_grads)
         else:
@@ -324,7 +352,8 @@ class Preconditioner:
         """This rank's state as numpy arrays and plain Python values."""
         return {
             "steps": self.steps,
-            "damping": self.damping,
+            "layer_damping": dict(self.layer_damping),
+            "force_inverse": sorted(self.force_inverse),
             "tracker": self.tracker.state_dict(),
             "factors": {k: self.ops.to_numpy(v) for k, v in self.factors.items()},
             "inverses": {
@@ -336,7 +365,8 @@ class Preconditioner:
     def load_state_dict(self, state: dict, like: Array) -> None:
         """Restore ``state_dict`` output; ``like`` gives the tensor type/device of factors."""
         self.steps = int(state["steps"])
-        self.damping = float(state["damping"])
+        self.layer_damping = {k: float(v) for k, v in state["layer_damping"].items()}
+        self.force_inverse = set(state["force_inverse"])
         self.tracker.load_state_dict(state["tracker"])
         self.factors = {k: self.ops.from_numpy(v, like=like) for k, v in state["factors"].items()}
         self.inverses = {}

@@ -54,7 +54,7 @@ def update_inverses(engine: "Preconditioner") -> None:
         members = group if group is not None else list(range(engine.world))
         for statistic in ("A", "G"):
             key = f"{layer}/{statistic}"
-            if key not in engine.factors or not engine.tracker.inverse_due(engine.steps, key):
+            if key not in engine.factors or not engine.inverse_due(layer, statistic):
                 continue
             worker = engine.inverse_worker(layer, statistic)
             if engine.rank not in members:

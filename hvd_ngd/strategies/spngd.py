@@ -87,7 +87,7 @@ def step(
     # 2. Owners refresh inverses and precondition.
     for key in [k for k in engine.stat_names if owners[k.rsplit("/", 1)[0]] == engine.rank]:
         layer, statistic = key.rsplit("/", 1)
-        if statistic == "F" or key not in engine.factors or not engine.tracker.inverse_due(engine.steps, key):
+        if statistic == "F" or key not in engine.factors or not engine.inverse_due(layer, statistic):
             continue
         engine.inverses[key] = engine.compute_inverse(layer, statistic)
     pgrads: Dict[str, Array] = {}
