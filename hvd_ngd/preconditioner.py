@@ -349,31 +349,75 @@ class Preconditioner:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """This rank's state as numpy arrays and plain Python values."""
+        """The complete preconditioner state as numpy arrays and plain Python values.
+
+        A collective: every rank must call it. Factors and inverses held by other ranks (SP-NGD
+        owners, KAISA worker groups) are gathered, so the result can be loaded on any world size.
+        Inverses still in flight (``stale_inverse``) are completed and saved as pending.
+        """
+        for key, (handles, diagonal, remote) in list(self.pending.items()):
+            tensors = [self.comm.wait(h) for h in handles] if remote else handles
+            self.pending[key] = (tensors, diagonal, False)
+        local = {
+            "factors": {k: self.ops.to_numpy(v) for k, v in self.factors.items()},
+            "inverses": {k: [self.ops.to_numpy(t) for t in inverse.inverse_to_tensors(v)] for k, v in self.inverses.items()},
+        }
+        merged: Dict[str, dict] = {"factors": {}, "inverses": {}}
+        everyone = self.comm.allgather_object(local, name="hvd_ngd.state_dict") if self.world > 1 else [local]
+        for part in reversed(everyone):  # the lowest rank holding a value wins
+            merged["factors"].update(part["factors"])
+            merged["inverses"].update(part["inverses"])
         return {
             "steps": self.steps,
+            "method": self.config.inverse_method.value,
             "layer_damping": dict(self.layer_damping),
             "force_inverse": sorted(self.force_inverse),
             "tracker": self.tracker.state_dict(),
-            "factors": {k: self.ops.to_numpy(v) for k, v in self.factors.items()},
-            "inverses": {
-                k: [self.ops.to_numpy(t) for t in inverse.inverse_to_tensors(v)] for k, v in self.inverses.items()
-            },
-            "inverse_kinds": {k: (v.method.value, v.eigvecs is None and v.inverse is None) for k, v in self.inverses.items()},
+            "factors": merged["factors"],
+            "inverses": merged["inverses"],
+            "pending": {k: [self.ops.to_numpy(t) for t in v[0]] for k, v in self.pending.items()},
         }
 
+    def _holds(self, key: str) -> bool:
+        """Whether this rank keeps a statistic (SP-NGD: owners only; KAISA: everyone)."""
+        if self.config.strategy is not Strategy.SPNGD:
+            return True
+        return self.layer_owner(key.rsplit("/", 1)[0]) == self.rank
+
     def load_state_dict(self, state: dict, like: Array) -> None:
-        """Restore ``state_dict`` output; ``like`` gives the tensor type/device of factors."""
+        """Restore ``state_dict`` output (from this or any other world size).
+
+        Args:
+            state: ``state_dict()`` output.
+            like: a tensor giving the device of the restored tensors.
+
+        Raises:
+            ValueError: when the state was saved with other layers or another inverse method.
+        """
+        if state["method"] != self.config.inverse_method.value:
+            raise ValueError(
+                f"checkpoint inverses were computed with inverse_method={state['method']!r}, "
+                f"this preconditioner uses {self.config.inverse_method.value!r}"
+            )
+        unknown = sorted(set(state["factors"]) - set(self.stat_names))
+        if unknown:
+            raise ValueError(f"checkpoint holds statistics of layers this model does not register: {unknown}")
         self.steps = int(state["steps"])
         self.layer_damping = {k: float(v) for k, v in state["layer_damping"].items()}
         self.force_inverse = set(state["force_inverse"])
         self.tracker.load_state_dict(state["tracker"])
-        self.factors = {k: self.ops.from_numpy(v, like=like) for k, v in state["factors"].items()}
-        self.inverses = {}
-        for key, tensors in state["inverses"].items():
+        self.factors = {k: self.ops.from_numpy(v, like=like) for k, v in state["factors"].items() if self._holds(k)}
+
+        def rebuild(key: str, tensors: list) -> inverse.FactorInverse:
             layer, statistic = key.rsplit("/", 1)
             diagonal = statistic == "A" and self.specs[layer].a_is_diagonal
-            method = InverseMethod(state["inverse_kinds"][key][0])
-            self.inverses[key] = inverse.inverse_from_tensors(
-                self.ops, method, diagonal, [self.ops.from_numpy(t, like=like) for t in tensors]
+            return inverse.inverse_from_tensors(
+                self.ops, self.config.inverse_method, diagonal, [self.ops.from_numpy(t, like=like) for t in tensors]
             )
+
+        self.inverses = {k: rebuild(k, v) for k, v in state["inverses"].items() if self._holds(k)}
+        self.pending = {}
+        for key, tensors in state["pending"].items():
+            layer, statistic = key.rsplit("/", 1)
+            diagonal = statistic == "A" and self.specs[layer].a_is_diagonal
+            self.pending[key] = ([self.ops.from_numpy(t, like=like) for t in tensors], diagonal, False)

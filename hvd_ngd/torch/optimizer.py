@@ -95,7 +95,8 @@ def DistributedOptimizer(
     strategy = KFACConfig(**config).strategy
     if strategy is Strategy.SPNGD:
         kfac = KFAC(model, reduce_gradients=True, grad_scaler=grad_scaler, **config)
-        cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_SPNGDOptimizer.__dict__))
+        members = {k: v for k, v in _SPNGDOptimizer.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        cls = type(optimizer.__class__.__name__, (optimizer.__class__,), members)
         return cls(optimizer.param_groups, kfac, backward_passes_per_step)
     kfac = KFAC(model, reduce_gradients=False, grad_scaler=grad_scaler, **config)
     if named_parameters is None:
