@@ -133,3 +133,34 @@ def test_adasum_is_rejected() -> None:
     model = net()
     with pytest.raises(ValueError, match="Adasum"):
         ngd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, op=hvd.Adasum)
+
+
+def test_grad_scaler_factors_in_unscaled_units() -> None:
+    data = batches(4)
+
+    def run(scale):
+        model = net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000) if scale else None
+        kfac = ngd.KFAC(model, communicator=SingleProcessCommunicator(), grad_scaler=scaler, damping=0.01)
+        for x, y in data:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if scaler is None:
+                loss.backward()
+                kfac.step()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                kfac.step()
+                scaler.step(opt)
+                scaler.update()
+        return model, kfac
+
+    plain, kfac_plain = run(None)
+    scaled, kfac_scaled = run(1024.0)
+    for key, value in kfac_plain.engine.factors.items():
+        torch.testing.assert_close(kfac_scaled.engine.factors[key], value, rtol=1e-10, atol=1e-12)
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

@@ -64,6 +64,7 @@ def train_reference(config: dict):
     cfg = dict(CONFIG, **config)
     cfg["strategy"] = "comm-opt"
     cfg.pop("grad_worker_fraction", None)
+    cfg.pop("canonical", None)
     kfac = ngd.KFAC(model, communicator=SingleProcessCommunicator(), **cfg)
     for x, ids, y in make_data(hvd.size()):
         opt.zero_grad()
@@ -75,14 +76,25 @@ def train_reference(config: dict):
 
 def train_distributed(config: dict):
     model = make_model()
-    opt = ngd.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, **dict(CONFIG, **config)
-    )
+    cfg = dict(CONFIG, **config)
+    canonical = cfg.pop("canonical", False)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if canonical:  # the user's own hvd.DistributedOptimizer + KFAC, Horovod's documented pattern
+        opt = hvd.DistributedOptimizer(sgd, named_parameters=model.named_parameters())
+        kfac = ngd.KFAC(model, **cfg)
+    else:
+        opt = ngd.DistributedOptimizer(sgd, model, **cfg)
     lo, hi = hvd.rank() * LOCAL_BATCH, (hvd.rank() + 1) * LOCAL_BATCH
     for x, ids, y in make_data(hvd.size()):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[lo:hi], ids[lo:hi]), y[lo:hi]).backward()
-        opt.step()
+        if canonical:
+            opt.synchronize()
+            kfac.step()
+            with opt.skip_synchronize():
+                opt.step()
+        else:
+            opt.step()
     return model
 
 
@@ -106,11 +118,12 @@ def assert_equivalent(config: dict) -> None:
         dict(strategy="spngd"),
         dict(strategy="spngd", factor_update_interval=2, inv_update_interval=3, symmetric_packing=False),
         dict(strategy="comm-opt"),
+        dict(strategy="comm-opt", canonical=True),
         dict(strategy="mem-opt", inverse_method="cholesky"),
         dict(strategy="comm-opt", stale_inverse=True, inv_update_interval=2),
         dict(strategy="spngd", interval_policy="adaptive", adaptive_threshold=0.5),
     ],
-    ids=["spngd", "spngd-intervals", "comm-opt", "mem-opt-cholesky", "stale-inverse", "spngd-adaptive"],
+    ids=["spngd", "spngd-intervals", "comm-opt", "canonical-pattern", "mem-opt-cholesky", "stale-inverse", "spngd-adaptive"],
 )
 def test_matches_single_process(config: dict) -> None:
     assert_equivalent(config)
