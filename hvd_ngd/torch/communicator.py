@@ -21,7 +21,7 @@ class HorovodCommunicator:
         if not hvd.is_initialized():
             raise RuntimeError("hvd_ngd.torch needs horovod: call hvd.init() before creating the preconditioner")
         self._sets: Dict[Tuple[int, ...], Any] = {}
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # modelled bytes this rank sends (ring algorithms), for benchmarks
 
     @property
     def rank(self) -> int:
@@ -55,19 +55,21 @@ class HorovodCommunicator:
             return hvd.global_process_set
         return self._sets[tuple(sorted(group))]
 
-    def _count(self, x: torch.Tensor, copies: int = 1) -> None:
-        self.bytes_sent += x.numel() * x.element_size() * copies
+    def _count(self, x: torch.Tensor, factor: float) -> None:
+        """Add the bytes this rank sends for a ring algorithm moving ``factor`` times ``x``."""
+        self.bytes_sent += int(x.numel() * x.element_size() * factor)
 
     def allreduce(self, x: torch.Tensor, *, name: str, average: bool = True) -> torch.Tensor:
-        self._count(x)
+        self._count(x, 2.0 * (self.size - 1) / self.size)  # ring: reduce-scatter + all-gather
         return hvd.allreduce(x.contiguous(), name=name, op=hvd.Average if average else hvd.Sum)
 
     def allgather(self, x: torch.Tensor, *, name: str) -> torch.Tensor:
-        self._count(x)
-        return hvd.allgather(x.contiguous(), name=name)
+        out = hvd.allgather(x.contiguous(), name=name)
+        self._count(out, (self.size - 1) / self.size)  # ring: every rank forwards n-1 blocks
+        return out
 
     def reducescatter(self, x: torch.Tensor, *, name: str, average: bool = True) -> torch.Tensor:
-        self._count(x)
+        self._count(x, (self.size - 1) / self.size)
         out = hvd.reducescatter(x.contiguous(), name=name, op=hvd.Average if average else hvd.Sum)
         return out.reshape(x.shape[1:])
 
@@ -75,8 +77,8 @@ class HorovodCommunicator:
         return self.wait(self.broadcast_async(x, root, name=name, group=group))
 
     def broadcast_async(self, x: torch.Tensor, root: int, *, name: str, group: Optional[Sequence[int]] = None) -> Any:
-        if self.rank == root:
-            self._count(x, (len(group) if group is not None else self.size) - 1)
+        members = len(group) if group is not None else self.size
+        self._count(x, (members - 1) / members)  # pipelined ring broadcast, per rank on average
         return hvd.broadcast_async(x.contiguous(), root, name=name, process_set=self._process_set(group))
 
     def wait(self, handle: Any) -> torch.Tensor:
