@@ -1,7 +1,8 @@
 """Layer-to-rank assignment: which rank inverts which factor and preconditions which layer.
 
 Cost model per work item of side n: COMPUTE ~ n^3 (eigendecomposition / inverse), MEMORY ~ n^2;
-diagonal factors and unit-wise blocks ~ n. A greedy longest-processing-time (LPT) schedule gives
+diagonal factors and unit-wise blocks ~ n. COMMUNICATION balances whole layers by the size of
+their gradients, which is what SP-NGD's padded reduce-scatter and all-gather move every step. A greedy longest-processing-time (LPT) schedule gives
 each item, largest first, to the least-loaded rank. A and G of one layer may go to different
 ranks (``split_factors``). Ties are broken by names and rank numbers, so every rank computes
 the same plan from the same layers, whatever their input order.
@@ -48,6 +49,11 @@ def item_cost(item: WorkItem, cost: AssignmentCost) -> float:
     if item.diagonal:
         return n
     return n**3 if cost is AssignmentCost.COMPUTE else n**2
+
+
+def layer_gradient_elements(spec: LayerSpec) -> int:
+    """Elements of a layer's gradient matrix (what SP-NGD reduce-scatters and all-gathers)."""
+    return 2 * spec.out_features if spec.kind.is_unitwise else spec.g_dim * spec.a_dim
 
 
 def communication_elements(n: int, packed: bool) -> int:
@@ -103,7 +109,14 @@ def assign(
         raise ValueError(f"duplicate layer names: {sorted({n for n in names if names.count(n) > 1})}")
     items = work_items(specs)
     units: List[Tuple[float, str, Tuple[WorkItem, ...]]] = []
-    if split_factors:
+    if cost is AssignmentCost.COMMUNICATION:
+        if split_factors:
+            raise ValueError("assignment_cost='communication' balances whole layers: it needs split_factors=False")
+        by_name: Dict[str, List[WorkItem]] = {}
+        for i in items:
+            by_name.setdefault(i.layer, []).append(i)
+        units = [(float(layer_gradient_elements(s)), s.name, tuple(by_name[s.name])) for s in specs]
+    elif split_factors:
         units = [(item_cost(i, cost), f"{i.layer}/{i.statistic}", (i,)) for i in items]
     else:
         by_layer: Dict[str, List[WorkItem]] = {}

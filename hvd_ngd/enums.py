@@ -61,6 +61,7 @@ class AssignmentCost(str, enum.Enum):
 
     COMPUTE = "compute"  # ~ n^3 (decomposition)
     MEMORY = "memory"  # ~ n^2 (storage / communication)
+    COMMUNICATION = "communication"  # gradient elements a layer's owner receives and sends (spngd)
 
 
 class WireDtype(str, enum.Enum):

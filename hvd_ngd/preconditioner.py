@@ -18,7 +18,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 from hvd_ngd import assignment, damping, inverse, kl_clip, running_average, stale, unitwise, wire
 from hvd_ngd.communicator import Communicator
 from hvd_ngd.config import KFACConfig
-from hvd_ngd.enums import InverseMethod, Strategy
+from hvd_ngd.enums import AssignmentCost, InverseMethod, Strategy
 from hvd_ngd.layer_spec import LayerSpec
 from hvd_ngd.ops.base import Array, ArrayOps
 
@@ -72,9 +72,8 @@ class Preconditioner:
         self.world = comm.size
         self.rank = comm.rank
         self.grad_workers = 1 if config.strategy is Strategy.SPNGD else config.grad_workers(self.world)
-        self.plan = assignment.assign(
-            list(specs), self.world, config.assignment_cost, split_factors=config.strategy is Strategy.COMM_OPT
-        )
+        split = config.strategy is Strategy.COMM_OPT and config.assignment_cost is not AssignmentCost.COMMUNICATION
+        self.plan = assignment.assign(list(specs), self.world, config.assignment_cost, split_factors=split)
         self.worker_groups = assignment.grad_worker_groups(self.world, self.grad_workers)
         self.receiver_groups = assignment.grad_receiver_groups(self.world, self.grad_workers)
         self.stat_names: List[str] = [stat_name(s.name, k) for s in specs for k in statistics_of(s)]

@@ -75,3 +75,20 @@ def test_bad_grad_worker_fraction_is_rejected_clearly() -> None:
         grad_worker_groups(6, 4)
     with pytest.raises(ValueError, match="world_size"):
         assign(resnet50_layer_specs(), 0)
+
+
+def test_communication_cost_balances_gradient_bytes() -> None:
+    from hvd_ngd.assignment import layer_gradient_elements
+
+    specs = resnet50_layer_specs()
+    size = {s.name: layer_gradient_elements(s) for s in specs}
+    for world in (2, 4):
+        by_bytes = assign(specs, world, AssignmentCost.COMMUNICATION, split_factors=False)
+        by_compute = assign(specs, world, AssignmentCost.COMPUTE, split_factors=False)
+
+        def widest(plan):
+            return max(sum(size[n] for n in plan.layers_of(r)) for r in range(world)) * world / sum(size.values())
+
+        assert widest(by_bytes) < 1.01 < widest(by_compute)
+    with pytest.raises(ValueError, match="split_factors"):
+        assign(specs, 2, AssignmentCost.COMMUNICATION, split_factors=True)

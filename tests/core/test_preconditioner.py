@@ -85,6 +85,7 @@ CONFIGS = [
     dict(strategy="spngd"),
     dict(strategy="spngd", factor_update_interval=2, inv_update_interval=2, wire_dtype="float32"),
     dict(strategy="spngd", interval_policy="adaptive", adaptive_threshold=0.3),
+    dict(strategy="spngd", assignment_cost="communication"),
     dict(strategy="comm-opt"),
     dict(strategy="comm-opt", inverse_method="cholesky"),
     dict(strategy="mem-opt"),
