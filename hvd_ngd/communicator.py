@@ -31,6 +31,9 @@ class Communicator(Protocol):
     def allreduce(self, x: Array, *, name: str, average: bool = True) -> Array:
         """Sum (or average) ``x`` over all ranks."""
 
+    def allreduce_async(self, x: Array, *, name: str, average: bool = True) -> Handle:
+        """Start an allreduce; ``wait`` returns its result."""
+
     def allgather(self, x: Array, *, name: str) -> Array:
         """Concatenate every rank's ``x`` along axis 0 (first dimensions may differ)."""
 
@@ -57,6 +60,9 @@ class SingleProcessCommunicator:
     size = 1
 
     def allreduce(self, x: Array, *, name: str, average: bool = True) -> Array:
+        return x
+
+    def allreduce_async(self, x: Array, *, name: str, average: bool = True) -> Array:
         return x
 
     def allgather(self, x: Array, *, name: str) -> Array:

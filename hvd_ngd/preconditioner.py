@@ -90,6 +90,8 @@ class Preconditioner:
         self.fallbacks: List[Tuple[int, str, str]] = []
         self._fallen: Set[str] = set()
         self.last_changes: Dict[str, Optional[float]] = {}
+        self.overlap = True  # start factor allreduces from the hooks (KAISA)
+        self.inflight: Dict[str, object] = {}
 
     # ------------------------------------------------------------------ schedule / capture
     def due_statistics(self) -> List[str]:
@@ -107,13 +109,24 @@ class Preconditioner:
         return plan
 
     def accumulate(self, layer: str, statistic: str, value: Array) -> None:
-        """Add one micro-batch's statistic (averaged over accumulation steps at ``step``)."""
+        """Add one micro-batch's statistic (averaged over accumulation steps at ``step``).
+
+        KAISA strategies start averaging the statistic over ranks at once (an asynchronous
+        allreduce overlapping the rest of forward/backward). A second micro-batch for the same
+        statistic (gradient accumulation) invalidates that early send; ``step`` then sends the
+        mean synchronously and later steps stop sending early.
+        """
         key = stat_name(layer, statistic)
         if key in self._accumulated:
             total, count = self._accumulated[key]
             self._accumulated[key] = (total + value, count + 1)
-        else:
-            self._accumulated[key] = (value, 1)
+            self.overlap = False
+            return
+        self._accumulated[key] = (value, 1)
+        if self.overlap and self.config.strategy is not Strategy.SPNGD:
+            self.inflight[key] = self.comm.allreduce_async(
+                self.factor_to_wire(key, value), name=f"hvd_ngd.factor.{key}", average=True
+            )
 
     def batch_statistic(self, key: str) -> Array:
         """Mean of the accumulated micro-batch values of one due statistic."""
@@ -341,6 +354,7 @@ class Preconditioner:
         else:
             result = kaisa.step(self, grads), list(other_grads)
         self._accumulated.clear()
+        self.inflight.clear()
         self._fallen.clear()
         self._due = None
         self.steps += 1

@@ -25,8 +25,14 @@ def update_factors(engine: "Preconditioner") -> None:
     """Average due statistics over ranks and fold them into the running factors."""
     due = engine.due_statistics()
     batch = [engine.batch_statistic(k) for k in due]
-    wire_values = [engine.factor_to_wire(k, v) for k, v in zip(due, batch)]
-    reduced = engine.allreduce_fused(wire_values, f"factors.s{engine.steps}")
+    early = {k: engine.comm.wait(h) for k, h in engine.inflight.items()}  # started in the hooks
+    valid = {k: v for k, v in early.items() if engine.overlap}  # invalid after gradient accumulation
+    late = [k for k in due if k not in valid]
+    late_values = engine.allreduce_fused(
+        [engine.factor_to_wire(k, engine.batch_statistic(k)) for k in late], f"factors.s{engine.steps}"
+    )
+    valid.update(zip(late, late_values))
+    reduced = [valid[k] for k in due]
     for key, flat, like in zip(due, reduced, batch):
         change = engine.fold(key, engine.factor_from_wire(key, flat, like))
         if change is not None:

@@ -106,6 +106,10 @@ class ThreadedCommunicator:
             total = total + values[r]
         return total / self.size if average else total
 
+    def allreduce_async(self, x: Any, *, name: str, average: bool = True) -> Any:
+        """Completed at once (ranks call collectives in the same order, so this cannot deadlock)."""
+        return self.allreduce(x, name=name, average=average)
+
     def allgather(self, x: Any, *, name: str) -> Any:
         self.bytes_sent += np.asarray(x).nbytes
         values = self.world.exchange_for(self._all()).exchange(self._rank, name, np.array(x))

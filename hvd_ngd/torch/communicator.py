@@ -63,6 +63,10 @@ class HorovodCommunicator:
         self._count(x, 2.0 * (self.size - 1) / self.size)  # ring: reduce-scatter + all-gather
         return hvd.allreduce(x.contiguous(), name=name, op=hvd.Average if average else hvd.Sum)
 
+    def allreduce_async(self, x: torch.Tensor, *, name: str, average: bool = True) -> Any:
+        self._count(x, 2.0 * (self.size - 1) / self.size)
+        return hvd.allreduce_async(x.contiguous(), name=name, op=hvd.Average if average else hvd.Sum)
+
     def allgather(self, x: torch.Tensor, *, name: str) -> torch.Tensor:
         out = hvd.allgather(x.contiguous(), name=name)
         self._count(out, (self.size - 1) / self.size)  # ring: every rank forwards n-1 blocks

@@ -164,3 +164,47 @@ def test_grad_scaler_factors_in_unscaled_units() -> None:
         torch.testing.assert_close(kfac_scaled.engine.factors[key], value, rtol=1e-10, atol=1e-12)
     for p, q in zip(plain.parameters(), scaled.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+class RecordingCommunicator(SingleProcessCommunicator):
+    """Records which collectives run, and when."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def allreduce_async(self, x, *, name, average=True):
+        self.calls.append(("allreduce_async", name))
+        return x
+
+    def allreduce(self, x, *, name, average=True):
+        self.calls.append(("allreduce", name))
+        return x
+
+
+def test_factor_allreduces_start_during_forward_and_backward() -> None:
+    model = net()
+    comm = RecordingCommunicator()
+    kfac = ngd.KFAC(model, communicator=comm, damping=0.01)
+    x, y = batches(1)[0]
+    out = model(x)
+    assert {n for _, n in comm.calls} == {"hvd_ngd.factor.0/A", "hvd_ngd.factor.3/A"}  # A from forward hooks
+    nn.functional.cross_entropy(out, y).backward()
+    started = {n for kind, n in comm.calls if kind == "allreduce_async"}
+    assert started == {f"hvd_ngd.factor.{k}" for k in ("0/A", "0/G", "1/F", "3/A", "3/G")}
+    comm.calls.clear()
+    kfac.step()
+    assert not [c for c in comm.calls if "factor" in c[1]], "step() re-sent statistics already in flight"
+
+
+def test_gradient_accumulation_averages_micro_batch_statistics() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    kfac = ngd.KFAC(model, communicator=SingleProcessCommunicator(), factor_decay=0.0, damping=0.01)
+    xs = [torch.randn(4, 3, dtype=torch.float64) for _ in range(2)]
+    for x in xs:
+        model(x).pow(2).mean().backward()
+    kfac.step()
+    assert not kfac.engine.overlap, "early sends must stop once micro-batches accumulate"
+    aug = [torch.cat([x, torch.ones(4, 1, dtype=torch.float64)], 1) for x in xs]
+    expected = sum(a.T @ a / 4 for a in aug) / 2
+    torch.testing.assert_close(kfac.engine.factors["root/A"], expected, rtol=1e-12, atol=0)
