@@ -1,0 +1,108 @@
+"""``ArrayOps`` on TensorFlow tensors: the core's math on TF tensors (eager)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+
+class TFOps:
+    """``hvd_ngd.ops.ArrayOps`` implemented with TensorFlow."""
+
+    name = "tensorflow"
+
+    def to_numpy(self, x: tf.Tensor) -> np.ndarray:
+        return np.array(x.numpy(), copy=True)
+
+    def from_numpy(self, x: Any, like: tf.Tensor | None = None) -> tf.Tensor:
+        return tf.constant(np.array(x, copy=True))
+
+    def zeros(self, shape: Sequence[int], like: tf.Tensor) -> tf.Tensor:
+        return tf.zeros(tuple(shape), dtype=like.dtype)
+
+    def ones(self, shape: Sequence[int], like: tf.Tensor) -> tf.Tensor:
+        return tf.ones(tuple(shape), dtype=like.dtype)
+
+    def eye(self, n: int, like: tf.Tensor) -> tf.Tensor:
+        return tf.eye(n, dtype=like.dtype)
+
+    def dtype_name(self, x: tf.Tensor) -> str:
+        return tf.as_dtype(x.dtype).name
+
+    def cast(self, x: tf.Tensor, dtype_name: str) -> tf.Tensor:
+        return tf.cast(x, tf.as_dtype(dtype_name))
+
+    def shape(self, x: tf.Tensor) -> Tuple[int, ...]:
+        return tuple(int(d) for d in x.shape)
+
+    def reshape(self, x: tf.Tensor, shape: Sequence[int]) -> tf.Tensor:
+        return tf.reshape(x, tuple(shape))
+
+    def transpose(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.linalg.matrix_transpose(x)
+
+    def concat(self, xs: Sequence[tf.Tensor], axis: int) -> tf.Tensor:
+        return tf.concat(list(xs), axis=axis)
+
+    def stack(self, xs: Sequence[tf.Tensor], axis: int) -> tf.Tensor:
+        return tf.stack(list(xs), axis=axis)
+
+    def flatten(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.reshape(x, (-1,))
+
+    def triu_indices(self, n: int, like: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        rows, cols = np.triu_indices(n)
+        return tf.constant(rows, dtype=tf.int64), tf.constant(cols, dtype=tf.int64)
+
+    def gather2d(self, x: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
+        return tf.gather_nd(x, tf.stack([rows, cols], axis=1))
+
+    def scatter_sym(self, values: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor, n: int) -> tf.Tensor:
+        upper = tf.scatter_nd(tf.stack([rows, cols], axis=1), values, (n, n))
+        return upper + tf.transpose(upper) - tf.linalg.diag(tf.linalg.diag_part(upper))
+
+    def matmul(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(a, b)
+
+    def sum(self, x: tf.Tensor, axis: int | None = None) -> tf.Tensor:
+        return tf.reduce_sum(x, axis=axis)
+
+    def diag(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.linalg.diag(x) if len(x.shape) == 1 else tf.linalg.diag_part(x)
+
+    def trace(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.linalg.trace(x)
+
+    def sqrt(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.sqrt(x)
+
+    def abs(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.abs(x)
+
+    def maximum(self, x: tf.Tensor, y: Any) -> tf.Tensor:
+        return tf.maximum(x, tf.cast(y, x.dtype))
+
+    def frobenius_norm(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.norm(tf.reshape(x, (-1,)))
+
+    def all_finite(self, x: tf.Tensor) -> bool:
+        return bool(tf.reduce_all(tf.math.is_finite(x)).numpy())
+
+    def to_float(self, x: tf.Tensor) -> float:
+        return float(x.numpy()) if hasattr(x, "numpy") else float(x)
+
+    def bincount(self, indices: tf.Tensor, length: int, like: tf.Tensor) -> tf.Tensor:
+        flat = tf.cast(tf.reshape(indices, (-1,)), tf.int32)
+        return tf.math.bincount(flat, minlength=length, maxlength=length, dtype=like.dtype)
+
+    def eigh(self, x: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        vals, vecs = tf.linalg.eigh(x)
+        return vals, vecs
+
+    def cholesky_inverse(self, x: tf.Tensor) -> tf.Tensor:
+        chol = tf.linalg.cholesky(x)
+        if not bool(tf.reduce_all(tf.math.is_finite(chol)).numpy()):
+            raise tf.errors.InvalidArgumentError(None, None, "Cholesky decomposition failed: not positive definite")
+        return tf.linalg.cholesky_solve(chol, tf.eye(int(x.shape[0]), dtype=x.dtype))
