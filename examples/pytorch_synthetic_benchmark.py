@@ -86,7 +86,8 @@ def bench_one(model_name: str, variant: str, strategy: str, args, device) -> Dic
         opt = hvd.DistributedOptimizer(sgd, named_parameters=model.named_parameters())
     else:
         opt = ngd.DistributedOptimizer(sgd, model, strategy=strategy, damping=1e-3, lr=0.01,
-                                       assignment_cost=args.assignment_cost, **VARIANTS[variant])
+                                       assignment_cost=args.assignment_cost if strategy == "spngd" else "compute",
+                                       **VARIANTS[variant])
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     x = torch.randn(args.batch_size, *shape, device=device)
     y = torch.randint(0, classes, (args.batch_size,), device=device)
@@ -135,7 +136,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--strategies", default="spngd,comm-opt,mem-opt")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--assignment-cost", default="compute", choices=["compute", "memory", "communication"])
+    parser.add_argument("--assignment-cost", default="communication", choices=["compute", "memory", "communication"],
+                        help="cost model of spngd's owner plan (KAISA strategies use compute)")
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--out", default="")
     args = parser.parse_args()

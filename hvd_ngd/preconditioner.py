@@ -360,6 +360,29 @@ class Preconditioner:
         self.steps += 1
         return result
 
+    def reduce_and_step(
+        self, grads: Mapping[str, Array], other_grads: Sequence[Array], reduce_gradients: bool
+    ) -> Tuple[Dict[str, Array], List[Array]]:
+        """``step`` for adapters: optionally average local gradients first.
+
+        Args:
+            grads: layer name -> gradient matrix.
+            other_grads: gradients of parameters that are not preconditioned.
+            reduce_gradients: the gradients are local and must be averaged over ranks here
+                (SPNGD averages them inside its reduce-scatter; KAISA strategies with one fused
+                allreduce first). False when a Horovod optimizer already averaged them.
+
+        Returns:
+            Preconditioned gradient matrices and the (averaged) other gradients.
+        """
+        if not reduce_gradients or self.config.strategy is Strategy.SPNGD:
+            pgrads, reduced = self.step(grads, other_grads if reduce_gradients else [])
+            return pgrads, reduced if reduce_gradients else list(other_grads)
+        names = list(grads)
+        reduced = self.allreduce_fused([grads[n] for n in names] + list(other_grads), f"grads.s{self.steps}")
+        pgrads, _ = self.step(dict(zip(names, reduced[: len(names)])))
+        return pgrads, reduced[len(names) :]
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """The complete preconditioner state as numpy arrays and plain Python values.

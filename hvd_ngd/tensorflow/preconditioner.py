@@ -102,14 +102,7 @@ class KFAC:
         others = [i for i, v in enumerate(variables) if v.ref() not in covered]
         matrices = {layer.name: layer.grad_matrix([grads[index[v.ref()]] for v in layer.variables()]) for layer in self.layers}
         other_grads = [grads[i] for i in others]
-        if self.reduce_gradients and self.config.strategy is not Strategy.SPNGD:
-            names = list(matrices)
-            reduced = self.engine.allreduce_fused([matrices[n] for n in names] + other_grads, f"grads.s{self.engine.steps}")
-            matrices = dict(zip(names, reduced[: len(names)]))
-            other_grads = reduced[len(names) :]
-        pgrads, other_out = self.engine.step(matrices, other_grads if self.config.strategy is Strategy.SPNGD else [])
-        if self.config.strategy is not Strategy.SPNGD:
-            other_out = other_grads
+        pgrads, other_out = self.engine.reduce_and_step(matrices, other_grads, self.reduce_gradients)
         for layer in self.layers:
             for v, g in zip(layer.variables(), layer.split_matrix(pgrads[layer.name])):
                 grads[index[v.ref()]] = g

@@ -164,14 +164,7 @@ class KFAC:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 others.append(p.grad)
-            if self.config.strategy is not Strategy.SPNGD:
-                names = list(grads)
-                reduced = self.engine.allreduce_fused([grads[n] for n in names] + others, f"grads.s{self.engine.steps}")
-                grads = dict(zip(names, reduced[: len(names)]))
-                others = reduced[len(names) :]
-        pgrads, others_out = self.engine.step(grads, others if self.config.strategy is Strategy.SPNGD else [])
-        if self.config.strategy is not Strategy.SPNGD:
-            others_out = others
+        pgrads, others_out = self.engine.reduce_and_step(grads, others, self.reduce_gradients)
         with torch.no_grad():
             for layer in self.layers:
                 layer.set_grad_matrix(pgrads[layer.name])
