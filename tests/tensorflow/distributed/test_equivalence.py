@@ -50,12 +50,25 @@ def train(kfac_factory, lo, hi):
 
 @pytest.mark.parametrize("strategy", ["spngd", "comm-opt", "mem-opt"])
 def test_custom_loop_matches_single_process(strategy: str) -> None:
+    check(strategy)
+
+
+@pytest.mark.np4
+@pytest.mark.parametrize("strategy", ["hybrid", "spngd"])
+def test_custom_loop_matches_single_process_4_ranks(strategy: str) -> None:
+    assert hvd.size() == 4
+    check(strategy)
+
+
+def check(strategy: str) -> None:
     cfg = dict(damping=0.01, factor_decay=0.8, kl_clip=0.05, lr=0.1)
     reference = train(lambda m: KFAC(m, communicator=SingleProcessCommunicator(), reduce_gradients=True,
                                      strategy="comm-opt", **cfg), None, None)
     lo, hi = hvd.rank() * LOCAL, (hvd.rank() + 1) * LOCAL
-    params = train(lambda m: KFAC(m, reduce_gradients=True, strategy=strategy, **cfg), lo, hi)
+    extra = {"grad_worker_fraction": 0.5} if strategy == "hybrid" else {}
+    params = train(lambda m: KFAC(m, reduce_gradients=True, strategy=strategy, **cfg, **extra), lo, hi)
     gathered = hvd.allgather(tf.constant(params[None]), name=f"tf.equiv.{strategy}").numpy()
-    assert np.array_equal(gathered[0], gathered[1]), "ranks differ"
+    for r in range(hvd.size()):
+        assert np.array_equal(gathered[r], gathered[0]), f"rank {r} differs from rank 0"
     rel = np.linalg.norm(params - reference) / np.linalg.norm(reference)
     assert rel < 1e-8, f"relative difference to the 1-rank reference {rel:.2e}"
