@@ -1,9 +1,11 @@
 """``hvd_ngd.tensorflow.KFAC``: K-FAC / SP-NGD preconditioning in TensorFlow custom loops.
 
-Eager only for now: the forward pass records each supported layer's input and pre-activation
-output; ``gradient(tape, loss, variables)`` asks the tape for the variables' gradients and the
-output gradients together, feeds the due statistics to the core engine and returns the
-preconditioned gradients.
+The forward pass records each supported layer's input and pre-activation output;
+``gradient(tape, loss, variables)`` asks the tape for the variables' gradients and the output
+gradients together, feeds the due statistics to the core engine and returns the preconditioned
+gradients. Eagerly this runs as Python; inside a ``tf.function`` the forward and backward passes
+are traced and the K-FAC step (statistics, Horovod collectives, inversions, schedule decisions)
+runs eagerly inside one ``tf.py_function``, so step-dependent Python control flow keeps working.
 """
 
 from __future__ import annotations
@@ -72,7 +74,16 @@ class KFAC:
 
     def gradient(self, tape: tf.GradientTape, loss: tf.Tensor, variables: Sequence[tf.Variable]) -> List[tf.Tensor]:
         """Gradients of ``loss`` for ``variables``, preconditioned for the registered layers."""
-        records = [(layer, rec) for layer in self.layers for rec in layer.records]
+        eager = tf.executing_eagerly()
+        graph = None if eager else tf.compat.v1.get_default_graph()
+        # Keep this forward pass's records: drop those of other traced graphs (or symbolic ones
+        # when eager), left by inference calls.
+        records = [
+            (layer, rec)
+            for layer in self.layers
+            for rec in layer.records
+            if (eager and hasattr(rec[1], "numpy")) or (not eager and getattr(rec[1], "graph", None) is graph)
+        ]
         if not records:
             raise RuntimeError("hvd_ngd: no forward pass was recorded: run the model inside the tape before gradient()")
         outputs = [z for _, (_, z) in records]
@@ -80,7 +91,32 @@ class KFAC:
         var_grads, out_grads = all_grads[: len(variables)], all_grads[len(variables) :]
         for layer in self.layers:
             layer.records.clear()
-        return self.precondition(var_grads, variables, records, out_grads)
+        kept = [(r, g) for r, g in zip(records, out_grads) if g is not None]  # e.g. eager inference calls
+        records, out_grads = [r for r, _ in kept], [g for _, g in kept]
+        if eager:
+            return self.precondition(var_grads, variables, records, out_grads)
+        return self._precondition_in_graph(var_grads, variables, records, out_grads)
+
+    def _precondition_in_graph(self, var_grads: Sequence[Any], variables: Sequence[tf.Variable], records: List, out_grads: List) -> List[tf.Tensor]:
+        """Run ``precondition`` eagerly from inside a traced function."""
+        dense = [tf.convert_to_tensor(g) if g is not None else tf.zeros_like(v) for g, v in zip(var_grads, variables)]
+        if any(g is None for g in out_grads):
+            missing = [layer.name for (layer, _), g in zip(records, out_grads) if g is None]
+            raise RuntimeError(f"layers {missing} did not contribute to the loss: exclude them with skip_layers")
+        xs = [x for _, (x, _) in records]
+        zs = [z for _, (_, z) in records]
+        n_v, n_r = len(dense), len(records)
+
+        def eager(*tensors: tf.Tensor) -> List[tf.Tensor]:
+            grads = list(tensors[:n_v])
+            xs_e, zs_e, gs_e = tensors[n_v : n_v + n_r], tensors[n_v + n_r : n_v + 2 * n_r], tensors[n_v + 2 * n_r :]
+            recs = [(layer, (x, z)) for (layer, _), x, z in zip(records, xs_e, zs_e)]
+            return [tf.convert_to_tensor(g) for g in self.precondition(grads, variables, recs, list(gs_e))]
+
+        out = tf.py_function(eager, inp=dense + xs + zs + list(out_grads), Tout=[g.dtype for g in dense])
+        for o, g in zip(out, dense):
+            o.set_shape(g.shape)
+        return out
 
     def precondition(self, grads: Sequence[Any], variables: Sequence[tf.Variable], records: List, out_grads: List) -> List[tf.Tensor]:
         """Feed captured statistics to the engine and return preconditioned gradients."""

@@ -111,3 +111,48 @@ def test_embedding_diagonal_a() -> None:
     g_ref = gr.T @ gr / gr.shape[0]
     expected = dense_solve(np.diag(counts), g_ref, np.asarray(tf.convert_to_tensor(plain[0])).T)
     np.testing.assert_allclose(pgrads[0], expected.T, rtol=1e-8, atol=1e-12)
+
+
+def test_tf_function_matches_eager() -> None:
+    """Inside tf.function the K-FAC step runs through tf.py_function and gives the eager result,
+    including steps where stale statistics are skipped."""
+
+    def run(compiled: bool):
+        tf.random.set_seed(4)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="relu"),
+                                  keras.layers.LayerNormalization(), keras.layers.Dense(2)])
+        for v in model.variables:  # identical initial weights in both runs
+            v.assign(tf.cast(tf.reshape(tf.range(tf.size(v)), v.shape), v.dtype) * 0.01 - 0.05)
+        kfac = KFAC(model, communicator=SingleProcessCommunicator(), damping=DAMPING, factor_update_interval=2)
+        opt = keras.optimizers.SGD(0.1)
+
+        def train_step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.reduce_sum(model(x) ** 2, axis=1))
+            grads = kfac.gradient(tape, loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+
+        step_fn = tf.function(train_step) if compiled else train_step
+        rng = np.random.default_rng(0)
+        for _ in range(4):
+            step_fn(tf.constant(rng.normal(size=(N, 4))))
+        assert kfac.engine.steps == 4
+        return [v.numpy() for v in model.trainable_variables]
+
+    for a, b in zip(run(False), run(True)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_inference_calls_between_steps_are_ignored() -> None:
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    kfac = KFAC(model, communicator=SingleProcessCommunicator(), damping=DAMPING)
+    x = tf.random.normal((N, 3), dtype=tf.float64)
+    model(x)  # an evaluation call outside the tape
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(x) ** 2)
+    grads = kfac.gradient(tape, loss, model.trainable_variables)
+    assert kfac.engine.steps == 1 and all(np.isfinite(g.numpy()).all() for g in grads)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.constant(0.0, tf.float64) * x)
+    with pytest.raises(RuntimeError, match="no forward pass"):
+        kfac.gradient(tape, loss, model.trainable_variables)
