@@ -2,8 +2,9 @@
 
 Cost model per work item of side n: COMPUTE ~ n^3 (eigendecomposition / inverse), MEMORY ~ n^2;
 diagonal factors and unit-wise blocks ~ n. COMMUNICATION balances whole layers by the size of
-their gradients, which is what SP-NGD's padded reduce-scatter and all-gather move every step. A greedy longest-processing-time (LPT) schedule gives
-each item, largest first, to the least-loaded rank. A and G of one layer may go to different
+their gradients, which is what SP-NGD's padded reduce-scatter and all-gather move every step.
+A greedy longest-processing-time (LPT) schedule gives each item, largest first, to the
+least-loaded rank (NGD_NOTES section 6, as kfac-pytorch). A and G of one layer may go to different
 ranks (``split_factors``). Ties are broken by names and rank numbers, so every rank computes
 the same plan from the same layers, whatever their input order.
 
@@ -44,7 +45,14 @@ def work_items(specs: Sequence[LayerSpec]) -> List[WorkItem]:
 
 
 def item_cost(item: WorkItem, cost: AssignmentCost) -> float:
-    """Cost of one item under the cost model."""
+    """Cost of one item under the cost model.
+
+    Args:
+        item: the work item (side ``n``).
+        cost: COMPUTE: n^3 (a decomposition); MEMORY (and COMMUNICATION, per item): n^2.
+            Diagonal factors and unit-wise blocks cost n under every model.
+    """
+    cost = AssignmentCost(cost)
     n = float(item.size)
     if item.diagonal:
         return n
@@ -99,9 +107,20 @@ def assign(
 ) -> AssignmentPlan:
     """Greedy LPT assignment of inverse work to ``world_size`` ranks.
 
+    Args:
+        specs: the preconditioned layers (any order; the plan does not depend on it).
+        world_size: number of ranks.
+        cost: cost model (an ``AssignmentCost`` or its string value).
+        split_factors: place A and G of a layer independently (True) or together, with their
+            summed cost (False).
+
+    Returns:
+        The plan; an empty ``specs`` gives an empty plan with zero loads.
+
     Raises:
-        ValueError: world_size < 1 or duplicate layer names.
+        ValueError: world_size < 1, duplicate layer names, or COMMUNICATION with split factors.
     """
+    cost = AssignmentCost(cost)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"invalid world_size={world_size!r}: must be an int >= 1")
     names = [s.name for s in specs]
@@ -140,6 +159,9 @@ def assign(
 
 
 def _check_groups(world_size: int, grad_workers: int) -> None:
+    for name, value in (("world_size", world_size), ("grad_workers", grad_workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"invalid grad_worker_fraction: {name}={value!r} must be an int >= 1")
     if grad_workers < 1 or grad_workers > world_size or world_size % grad_workers != 0:
         raise ValueError(
             f"invalid grad_worker_fraction: {grad_workers} gradient workers do not divide the world size "
@@ -148,12 +170,24 @@ def _check_groups(world_size: int, grad_workers: int) -> None:
 
 
 def grad_worker_groups(world_size: int, grad_workers: int) -> List[List[int]]:
-    """Contiguous groups of ``grad_workers`` ranks ([[0, 1], [2, 3]] for 4 ranks, 2 workers)."""
+    """Contiguous groups of ``grad_workers`` ranks ([[0, 1], [2, 3]] for 4 ranks, 2 workers).
+
+    ``grad_workers = world_size`` is COMM-OPT (one group), 1 is MEM-OPT.
+
+    Raises:
+        ValueError: ``grad_workers`` does not divide ``world_size`` (names grad_worker_fraction).
+    """
     _check_groups(world_size, grad_workers)
     return [list(range(start, start + grad_workers)) for start in range(0, world_size, grad_workers)]
 
 
 def grad_receiver_groups(world_size: int, grad_workers: int) -> List[List[int]]:
-    """Strided groups {i, i + grad_workers, ...} ([[0, 2], [1, 3]] for 4 ranks, 2 workers)."""
+    """Strided groups {i, i + grad_workers, ...} ([[0, 2], [1, 3]] for 4 ranks, 2 workers).
+
+    Each receiver group meets each worker group in exactly one rank.
+
+    Raises:
+        ValueError: ``grad_workers`` does not divide ``world_size`` (names grad_worker_fraction).
+    """
     _check_groups(world_size, grad_workers)
     return [list(range(i, world_size, grad_workers)) for i in range(grad_workers)]

@@ -89,6 +89,10 @@ class KFACConfig:
         skip_layers: regular expressions; a layer whose name or class name matches is skipped.
         fusion_threshold_bytes: size of fused communication buffers (>= 0; 0 disables fusion).
         max_damping: upper bound for damping escalation after repeated decomposition failures.
+        consistency_check_interval: every this many steps, ranks compare their hyperparameters
+            (step count, lr, damping, decay, KL clip, intervals, and the optimizer's values the
+            adapter adds) with one small allgather and raise on a difference (>= 0; 0 disables;
+            a world of one rank never checks).
     """
 
     lr: float = 0.1
@@ -115,6 +119,7 @@ class KFACConfig:
     skip_layers: Tuple[str, ...] = ()
     fusion_threshold_bytes: int = 64 * 1024 * 1024
     max_damping: float = 1.0
+    consistency_check_interval: int = 1
 
     def __post_init__(self) -> None:
         self.interval_policy = _coerce_enum("interval_policy", self.interval_policy, IntervalPolicy)
@@ -132,9 +137,9 @@ class KFACConfig:
         _check_interval("factor_update_interval", self.factor_update_interval)
         _check_interval("inv_update_interval", self.inv_update_interval)
         _check_range("adaptive_threshold", self.adaptive_threshold, 0.0, math.inf, lo_open=True, hi_open=True)
-        for name in ("adaptive_min_interval", "adaptive_max_interval", "fusion_threshold_bytes"):
+        for name in ("adaptive_min_interval", "adaptive_max_interval", "fusion_threshold_bytes", "consistency_check_interval"):
             value = getattr(self, name)
-            low = 0 if name == "fusion_threshold_bytes" else 1
+            low = 0 if name in ("fusion_threshold_bytes", "consistency_check_interval") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise _bad(name, value, f"an int >= {low}")
         if self.adaptive_max_interval < self.adaptive_min_interval:

@@ -1,12 +1,18 @@
-"""Rank-consistency checks: every rank must register the same layers with the same config."""
+"""Rank-consistency checks: every rank must register the same layers with the same config
+(``check_consistent``, once at construction) and step with the same hyperparameters
+(``check_hyperparameters``, every ``consistency_check_interval`` steps)."""
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+import math
+from typing import Any, List, Mapping, Sequence
+
+import numpy as np
 
 from hvd_ngd.communicator import Communicator
 from hvd_ngd.config import KFACConfig
 from hvd_ngd.layer_spec import LayerSpec
+from hvd_ngd.ops.base import Array, ArrayOps
 
 
 class RankMismatchError(ValueError):
@@ -49,3 +55,47 @@ def check_consistent(comm: Communicator, specs: Sequence[LayerSpec], config: KFA
             )
     if problems:
         raise RankMismatchError("hvd_ngd: ranks disagree (every rank must build the same model and config): " + " | ".join(problems))
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def check_hyperparameters(
+    comm: Communicator, ops: ArrayOps, values: Mapping[str, float], step: int, like: Array = None
+) -> None:
+    """Compare this step's hyperparameter values across ranks with one small allgather.
+
+    Every rank sends the same number of float64 values (the names come from the same code on
+    every rank), so the collective itself cannot hang on a difference; every rank then finds
+    the same differences and raises the same error before any gradient is communicated.
+
+    Args:
+        comm: the communicator.
+        ops: array backend (builds the tensor the communicator sends).
+        values: name -> value, in an order fixed by the code (e.g. ``lr``, ``damping``).
+        step: the step, for the message.
+        like: a tensor whose device the sent tensor uses (None: the backend's default).
+
+    Raises:
+        RankMismatchError: on every rank, naming each differing value and the ranks' values.
+    """
+    names = list(values)
+    mine = np.array([[float(values[n]) for n in names]], dtype=np.float64)
+    sent = ops.from_numpy(mine, like=like)
+    table = np.asarray(ops.to_numpy(comm.allgather(sent, name="hvd_ngd.consistency.hyperparameters")))
+    table = table.reshape(comm.size, len(names))
+    diffs = [
+        (name, [float(v) for v in table[:, j]])
+        for j, name in enumerate(names)
+        if not all(_same(float(table[0, j]), float(table[r, j])) for r in range(comm.size))
+    ]
+    if diffs:
+        detail = "; ".join(
+            f"{name}: " + ", ".join(f"rank {r} has {v:g}" for r, v in enumerate(column)) for name, column in diffs
+        )
+        raise RankMismatchError(
+            f"hvd_ngd: hyperparameters differ across ranks at step {step}: {detail}. Every rank must use the "
+            "same values at every step (apply learning-rate and damping schedules identically on every rank, "
+            "and call step() once per optimizer step on every rank)"
+        )

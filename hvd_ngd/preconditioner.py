@@ -15,10 +15,10 @@ import logging
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from hvd_ngd import assignment, damping, inverse, kl_clip, running_average, stale, unitwise, wire
+from hvd_ngd import assignment, consistency, damping, inverse, kl_clip, running_average, stale, unitwise, wire
 from hvd_ngd.communicator import Communicator
-from hvd_ngd.config import KFACConfig
-from hvd_ngd.enums import AssignmentCost, InverseMethod, Strategy
+from hvd_ngd.config import KFACConfig, resolve_interval
+from hvd_ngd.enums import AssignmentCost, IntervalPolicy, InverseMethod, Strategy
 from hvd_ngd.layer_spec import LayerSpec
 from hvd_ngd.ops.base import Array, ArrayOps
 
@@ -92,6 +92,7 @@ class Preconditioner:
         self.last_changes: Dict[str, Optional[float]] = {}
         self.overlap = True  # start factor allreduces from the hooks (KAISA)
         self.inflight: Dict[str, object] = {}
+        self._checked_step = -1  # the step whose hyperparameters were last compared
 
     # ------------------------------------------------------------------ schedule / capture
     def due_statistics(self) -> List[str]:
@@ -328,8 +329,44 @@ class Preconditioner:
         return total
 
     # ------------------------------------------------------------------ the step
+    def hyperparameters(self, extra: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+        """The values every rank must agree on at this step (see ``check_hyperparameters``).
+
+        Args:
+            extra: values the adapter adds, e.g. the optimizer's ``optimizer.momentum``.
+        """
+        cfg = self.config
+        values: Dict[str, float] = {
+            "step": float(self.steps),
+            "lr": float(cfg.lr),
+            "damping": float(cfg.damping),
+            "factor_decay": float(cfg.factor_decay),
+            "kl_clip": -1.0 if cfg.kl_clip is None else float(cfg.kl_clip),
+            "layer_damping_sum": float(sum(self.layer_damping.values())),
+        }
+        if cfg.interval_policy is IntervalPolicy.FIXED:
+            for name in ("factor_update_interval", "inv_update_interval"):
+                values[name] = float(resolve_interval(name, getattr(cfg, name), self.steps))
+        values.update({k: float(v) for k, v in (extra or {}).items()})
+        return values
+
+    def check_hyperparameters(self, extra: Optional[Mapping[str, float]] = None, like: Optional[Array] = None) -> None:
+        """Raise ``RankMismatchError`` on every rank when ranks step with different values.
+
+        Runs every ``consistency_check_interval`` steps on more than one rank: one allgather of
+        a few float64 values, before any gradient of the step is communicated.
+        """
+        every = self.config.consistency_check_interval
+        if self.world == 1 or not every or self.steps % every or self._checked_step == self.steps:
+            return
+        consistency.check_hyperparameters(self.comm, self.ops, self.hyperparameters(extra), self.steps, like)
+        self._checked_step = self.steps
+
     def step(
-        self, grads: Mapping[str, Array], other_grads: Sequence[Array] = ()
+        self,
+        grads: Mapping[str, Array],
+        other_grads: Sequence[Array] = (),
+        hyperparameters: Optional[Mapping[str, float]] = None,
     ) -> Tuple[Dict[str, Array], List[Array]]:
         """Precondition one step's gradients.
 
@@ -338,13 +375,19 @@ class Preconditioner:
                 strategies they must already be averaged over ranks; for SPNGD they are local.
             other_grads: gradients of parameters that are not preconditioned. SPNGD averages them
                 (one fused allreduce); KAISA returns them unchanged.
+            hyperparameters: the adapter's values to compare across ranks besides the engine's
+                own (e.g. the optimizer's momentum); see ``check_hyperparameters``.
 
         Returns:
             Preconditioned gradient matrices (KL-clipped) and the other gradients.
+
+        Raises:
+            RankMismatchError: ranks disagree on the step's hyperparameters.
         """
         missing = [n for n in self.layer_order if n not in grads]
         if missing:
             raise ValueError(f"step() got no gradient for registered layers {missing}")
+        self.check_hyperparameters(hyperparameters, like=grads[self.layer_order[0]])
         from hvd_ngd.strategies import kaisa, spngd  # local import: strategies import this module
 
         self.due_statistics()
@@ -361,7 +404,11 @@ class Preconditioner:
         return result
 
     def reduce_and_step(
-        self, grads: Mapping[str, Array], other_grads: Sequence[Array], reduce_gradients: bool
+        self,
+        grads: Mapping[str, Array],
+        other_grads: Sequence[Array],
+        reduce_gradients: bool,
+        hyperparameters: Optional[Mapping[str, float]] = None,
     ) -> Tuple[Dict[str, Array], List[Array]]:
         """``step`` for adapters: optionally average local gradients first.
 
@@ -371,16 +418,18 @@ class Preconditioner:
             reduce_gradients: the gradients are local and must be averaged over ranks here
                 (SPNGD averages them inside its reduce-scatter; KAISA strategies with one fused
                 allreduce first). False when a Horovod optimizer already averaged them.
+            hyperparameters: the adapter's values to compare across ranks (see ``step``).
 
         Returns:
             Preconditioned gradient matrices and the (averaged) other gradients.
         """
         if not reduce_gradients or self.config.strategy is Strategy.SPNGD:
-            pgrads, reduced = self.step(grads, other_grads if reduce_gradients else [])
+            pgrads, reduced = self.step(grads, other_grads if reduce_gradients else [], hyperparameters)
             return pgrads, reduced if reduce_gradients else list(other_grads)
         names = list(grads)
+        self.check_hyperparameters(hyperparameters, like=grads[names[0]] if names else None)
         reduced = self.allreduce_fused([grads[n] for n in names] + list(other_grads), f"grads.s{self.steps}")
-        pgrads, _ = self.step(dict(zip(names, reduced[: len(names)])))
+        pgrads, _ = self.step(dict(zip(names, reduced[: len(names)])), hyperparameters=hyperparameters)
         return pgrads, reduced[len(names) :]
 
     # ------------------------------------------------------------------ state
@@ -439,6 +488,7 @@ class Preconditioner:
         if unknown:
             raise ValueError(f"checkpoint holds statistics of layers this model does not register: {unknown}")
         self.steps = int(state["steps"])
+        self._checked_step = -1
         self.layer_damping = {k: float(v) for k, v in state["layer_damping"].items()}
         self.force_inverse = set(state["force_inverse"])
         self.tracker.load_state_dict(state["tracker"])

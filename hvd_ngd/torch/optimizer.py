@@ -12,7 +12,7 @@ from torch import nn
 
 from hvd_ngd.config import KFACConfig
 from hvd_ngd.enums import Strategy
-from hvd_ngd.torch.preconditioner import KFAC
+from hvd_ngd.torch.preconditioner import KFAC, optimizer_hyperparameters
 
 
 def _check_op(op: Any) -> None:
@@ -46,7 +46,7 @@ class _SPNGDOptimizer:
 
     def step(self, closure: Any = None) -> Any:
         if self.kfac._backward_seen:
-            self.kfac.step(lr=self.param_groups[0]["lr"])
+            self.kfac.step(lr=self.param_groups[0]["lr"], hyperparameters=optimizer_hyperparameters(self))
         # Without a backward pass (e.g. hvd.broadcast_optimizer_state initialising state with
         # zero gradients) the step is a plain, local optimizer step on every rank.
         return super(self.__class__, self).step(closure)  # type: ignore[misc]
@@ -56,7 +56,7 @@ def _kaisa_step(self: Any, closure: Any = None) -> Any:
     """``step`` of a ``hvd.DistributedOptimizer`` wrapped with KAISA preconditioning."""
     if self.kfac._backward_seen:
         self.synchronize()
-        self.kfac.step(lr=self.param_groups[0]["lr"])
+        self.kfac.step(lr=self.param_groups[0]["lr"], hyperparameters=optimizer_hyperparameters(self))
         with self.skip_synchronize():
             return type(self).step(self, closure)
     return type(self).step(self, closure)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,22 @@ from hvd_ngd.enums import LossReduction, Strategy
 from hvd_ngd.preconditioner import Preconditioner
 from hvd_ngd.torch.layers import TorchLayer, make_layer
 from hvd_ngd.torch.ops import TorchOps
+
+
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> Dict[str, float]:
+    """Numeric hyperparameters of every param group (``lr``, ``momentum``, ``weight_decay``, ...),
+    named ``group{i}.{key}``, for the per-step rank-consistency check."""
+    out: Dict[str, float] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        for key in sorted(group):
+            value = group[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"group{i}.{key}"] = float(value)
+            elif isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                out.update({f"group{i}.{key}{j}": float(v) for j, v in enumerate(value)})
+            elif torch.is_tensor(value) and value.numel() == 1:
+                out[f"group{i}.{key}"] = float(value)
+    return out
 
 
 class KFAC:
@@ -140,15 +156,19 @@ class KFAC:
                 self.engine.accumulate(layer.name, "F", capture.f_statistic(self.ops, layer.spec, x_hat, g, scale))
 
     # ------------------------------------------------------------------ step
-    def step(self, lr: Optional[float] = None) -> None:
+    def step(self, lr: Optional[float] = None, hyperparameters: Optional[Mapping[str, float]] = None) -> None:
         """Precondition the registered layers' gradients in place.
 
         Args:
             lr: current learning rate for KL clipping (defaults to the configured ``lr``).
+            hyperparameters: further values every rank must agree on at this step (the
+                optimizer's, e.g. ``optimizer_hyperparameters(optimizer)``); compared across
+                ranks with the engine's own every ``consistency_check_interval`` steps.
 
         Raises:
             RuntimeError: when no backward pass ran since the last ``step()`` (called before
                 ``loss.backward()``, or twice for one backward).
+            RankMismatchError: when ranks step with different hyperparameters.
         """
         if not self._backward_seen:
             raise RuntimeError(
@@ -164,7 +184,7 @@ class KFAC:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 others.append(p.grad)
-        pgrads, others_out = self.engine.reduce_and_step(grads, others, self.reduce_gradients)
+        pgrads, others_out = self.engine.reduce_and_step(grads, others, self.reduce_gradients, hyperparameters)
         with torch.no_grad():
             for layer in self.layers:
                 layer.set_grad_matrix(pgrads[layer.name])

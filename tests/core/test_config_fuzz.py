@@ -37,6 +37,7 @@ VALID = {
     "symmetric_packing": st.booleans(),
     "wire_dtype": st.sampled_from(["float32", "float16"]),
     "fusion_threshold_bytes": st.integers(0, 1 << 20),
+    "consistency_check_interval": st.integers(0, 5),
 }
 
 INVALID = {
@@ -56,6 +57,7 @@ INVALID = {
     "pi_correction": st.sampled_from([0, 1, "yes", None]),
     "wire_dtype": st.sampled_from(["fp16", "float64", "int8"]),
     "fusion_threshold_bytes": st.integers(max_value=-1),
+    "consistency_check_interval": st.one_of(st.integers(max_value=-1), st.just(2.0)),
 }
 
 
