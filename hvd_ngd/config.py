@@ -76,7 +76,9 @@ class KFACConfig:
         adaptive_growth: factor by which an interval grows/shrinks (> 1; 2 = doubling).
         inverse_method: EIGEN (exact damping, decompose once) or CHOLESKY (pi-corrected).
         pi_correction: split damping between A and G with pi (CHOLESKY only).
-        fisher_type: EMPIRICAL (true labels) or MONTE_CARLO (sampled labels, adapters provide).
+        fisher_type: EMPIRICAL (G from the gradients of the training loss with the true labels,
+            as the papers do). MONTE_CARLO (sampled labels) is reserved and rejected: no adapter
+            runs the extra backward pass it needs.
         loss_reduction: whether the user's loss is a MEAN or SUM over the batch.
         strategy: distribution strategy (see ``Strategy``).
         grad_worker_fraction: KAISA fraction of ranks that receive each inverse in (0, 1];
@@ -125,6 +127,12 @@ class KFACConfig:
         self.interval_policy = _coerce_enum("interval_policy", self.interval_policy, IntervalPolicy)
         self.inverse_method = _coerce_enum("inverse_method", self.inverse_method, InverseMethod)
         self.fisher_type = _coerce_enum("fisher_type", self.fisher_type, FisherType)
+        if self.fisher_type is not FisherType.EMPIRICAL:
+            raise _bad(
+                "fisher_type", self.fisher_type.value,
+                "'empirical': the Monte-Carlo Fisher needs a second backward pass with sampled labels, "
+                "which hvd_ngd's adapters do not run",
+            )
         self.loss_reduction = _coerce_enum("loss_reduction", self.loss_reduction, LossReduction)
         self.strategy = _coerce_enum("strategy", self.strategy, Strategy)
         self.assignment_cost = _coerce_enum("assignment_cost", self.assignment_cost, AssignmentCost)
