@@ -73,6 +73,7 @@ def build(name: str) -> tuple:
 VARIANTS = {
     "every-step": dict(),
     "fixed-10/100": dict(factor_update_interval=10, inv_update_interval=100),
+    "fixed-10/100-fp16": dict(factor_update_interval=10, inv_update_interval=100, wire_dtype="float16"),
     "adaptive": dict(interval_policy="adaptive"),
 }
 
@@ -155,10 +156,10 @@ def main() -> None:
     if hvd.rank() == 0:
         dev = torch.cuda.get_device_name(device) if args.cuda else "CPU"
         print(f"model {args.model}, {hvd.size()} ranks, batch {args.batch_size}/rank, {dev}")
-        print(f"{'strategy':<10} {'variant':<13} {'img/s':>8} {'ms/step':>8} {'time/SGD':>9} {'bytes/SGD':>10} {'skipped':>8}")
+        print(f"{'strategy':<10} {'variant':<18} {'img/s':>8} {'ms/step':>8} {'time/SGD':>9} {'bytes/SGD':>10} {'skipped':>8}")
         for r in rows:
             b = "-" if r["bytes_vs_sgd"] is None else f"{r['bytes_vs_sgd']:.2f}"
-            print(f"{r['strategy']:<10} {r['variant']:<13} {r['images_per_sec']:>8.1f} {1000 * r['seconds_per_step']:>8.1f} "
+            print(f"{r['strategy']:<10} {r['variant']:<18} {r['images_per_sec']:>8.1f} {1000 * r['seconds_per_step']:>8.1f} "
                   f"{r['time_vs_sgd']:>9.2f} {b:>10} {r['skipped_fraction']:>8.2f}")
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
