@@ -11,9 +11,10 @@ weight_grad^T); unit-wise layers use (2, C) = [grad_gamma; grad_beta].
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from hvd_ngd import assignment, consistency, damping, inverse, kl_clip, running_average, stale, unitwise, wire
 from hvd_ngd.communicator import Communicator
@@ -327,6 +328,38 @@ class Preconditioner:
             term = self.ops.sum(pgrads[n] * grads[n])
             total = term if total is None else total + term
         return total
+
+    # ------------------------------------------------------------------ schedules
+    SCHEDULABLE = ("lr", "damping", "factor_decay", "kl_clip", "factor_update_interval", "inv_update_interval")
+
+    def set_hyperparameters(self, **values: Any) -> None:
+        """Change hyperparameters between steps (a schedule); every rank must do the same.
+
+        ``damping`` keeps each layer's escalation factor (a layer whose damping was raised after
+        failures stays that many times above the new base, capped by ``max_damping``); with the
+        Cholesky method, whose inverses hold the damping, every inverse is recomputed at the next
+        step. The per-step consistency check reports ranks that scheduled differently.
+
+        Args:
+            **values: new values of ``SCHEDULABLE`` fields (validated as ``KFACConfig`` does).
+
+        Raises:
+            ValueError: an unknown or unschedulable name, or an invalid value (named).
+        """
+        unknown = sorted(set(values) - set(self.SCHEDULABLE))
+        if unknown:
+            raise ValueError(f"cannot schedule {unknown}: schedulable hyperparameters are {list(self.SCHEDULABLE)}")
+        dataclasses.replace(self.config, **values)  # validates, naming the parameter
+        old_damping = self.config.damping
+        for name, value in values.items():
+            setattr(self.config, name, value)
+        if "damping" in values and values["damping"] != old_damping:
+            for n, current in self.layer_damping.items():
+                self.layer_damping[n] = min(self.config.max_damping, values["damping"] * (current / old_damping))
+            if self.config.inverse_method is InverseMethod.CHOLESKY:
+                self.force_inverse.update(
+                    stat_name(s.name, k) for s in self.specs.values() if not s.kind.is_unitwise for k in ("A", "G")
+                )
 
     # ------------------------------------------------------------------ the step
     def hyperparameters(self, extra: Optional[Mapping[str, float]] = None) -> Dict[str, float]:

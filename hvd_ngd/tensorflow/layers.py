@@ -1,8 +1,20 @@
-"""Per-Keras-layer capture: canonical layouts and gradient matrices.
+"""Per-Keras-layer capture: canonical layouts, gradient matrices and ``LayerSpec``s.
 
 Each supported layer's ``call`` is wrapped so that every forward pass records its input and its
-*pre-activation* output z (Dense/Conv2D run with a linear activation, then the activation is
-applied), so that ``tape.gradient(loss, z)`` gives the output gradient the G factor needs.
+*pre-activation* output z: Dense and Conv2D run their original ``call`` with the activation
+temporarily set to linear, record ``(inputs, z)`` and then apply the activation themselves.
+``tape.gradient(loss, variables + zs)`` then gives, from the same tape, the variables' gradients
+and the output gradients the G factor needs. Only reshapes live here; the curvature math is the
+core's (``hvd_ngd.capture``).
+
+Keras layouts mapped onto the core's canonical ones:
+    Dense: kernel (in, out) -> gradient matrix kernel_grad^T (out, in) [+ bias column].
+    Conv2D (channels_last, groups=1, dilation 1, 'valid'/'same'): ``tf.image.extract_patches``
+        yields patches in (i, j, c) order, the order of ``kernel.reshape(kh*kw*in, out)``, so the
+        gradient matrix is ``reshape(kernel_grad, (-1, out))^T`` [+ bias column].
+    Embedding: embeddings (V, D) -> gradient matrix dense(grad)^T (D, V).
+    BatchNormalization / LayerNormalization over the last axis: unit-wise (2, C) matrix
+        [grad_gamma; grad_beta]; x_hat = (y - beta) / gamma (0 where gamma == 0) in (N, C, L).
 """
 
 from __future__ import annotations
@@ -17,9 +29,30 @@ from hvd_ngd.layer_spec import LayerSpec
 
 keras = tf.keras
 
+Record = Tuple[Any, tf.Tensor]  # (layer input, pre-activation output) of one forward call
+
+
+def _tape_active() -> bool:
+    """Whether a GradientTape is recording (so an eager forward call may be a training one)."""
+    try:
+        from tensorflow.python.eager import record
+
+        return bool(record.could_possibly_record())
+    except Exception:  # pragma: no cover - private API moved: record everything
+        return True
+
 
 class KerasLayer:
-    """A registered Keras layer: spec, capture, and gradient-matrix conversion."""
+    """A registered Keras layer: spec, forward capture and gradient-matrix conversion.
+
+    Attributes:
+        name: unique name (identical on every rank; nested models give ``outer/inner``).
+        layer: the Keras layer.
+        spec: its framework-neutral description.
+        records: ``(input, pre-activation output)`` of the forward calls since the last
+            ``KFAC.gradient``: eager tensors of calls made while a tape records, or symbolic
+            tensors of traced functions (once per trace; ``gradient`` keeps its own graph's).
+    """
 
     kind: LayerKind
 
@@ -27,47 +60,69 @@ class KerasLayer:
         self.name = name
         self.layer = layer
         self.spec = spec
-        self.records: List[Tuple[tf.Tensor, tf.Tensor]] = []  # (input, pre-activation output)
+        self.kind = spec.kind
+        self.records: List[Record] = []
+        self._original_call: Optional[Any] = None
 
     def variables(self) -> List[tf.Variable]:
         """Variables preconditioned by this layer (weight first, then bias)."""
         raise NotImplementedError
 
     def a_input(self, x: tf.Tensor) -> tf.Tensor:
+        """Canonical activations for the A factor."""
         raise NotImplementedError
 
     def g_output(self, g: tf.Tensor) -> tf.Tensor:
+        """Canonical output gradients for the G factor (or the unit-wise Fisher)."""
         raise NotImplementedError
 
     def grad_matrix(self, grads: List[tf.Tensor]) -> tf.Tensor:
+        """The core's gradient matrix from the gradients of ``variables()``, in order."""
         raise NotImplementedError
 
     def split_matrix(self, mat: tf.Tensor) -> List[tf.Tensor]:
+        """Inverse of ``grad_matrix``: one tensor per variable, shaped like it."""
         raise NotImplementedError
 
+    @staticmethod
+    def batch_size(x: tf.Tensor) -> int:
+        """Local batch size of a recorded (eager) input: its first dimension."""
+        return int(x.shape[0]) if x.shape.rank else 1
+
     def wrap(self) -> None:
-        """Install the recording ``call``."""
+        """Install the recording ``call`` (idempotent)."""
+        if self._original_call is not None:
+            return
         original = self.layer.call
+        self._original_call = original
         activation = getattr(self.layer, "activation", None)
         linear = keras.activations.get("linear")
-        records = self.records
+        layer, records = self.layer, self.records
 
         def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
             if activation is not None:
-                self.layer.activation = linear
+                layer.activation = linear
             try:
                 z = original(inputs, *args, **kwargs)
             finally:
                 if activation is not None:
-                    self.layer.activation = activation
-            records.append((inputs, z))
+                    layer.activation = activation
+            if not tf.executing_eagerly() or _tape_active():  # eager calls outside a tape: inference
+                records.append((inputs, z))
             return activation(z) if activation is not None else z
 
         self.layer.call = call
 
+    def unwrap(self) -> None:
+        """Restore the layer's original ``call``."""
+        if self._original_call is not None:
+            self.layer.call = self._original_call
+            self._original_call = None
+        self.records.clear()
+
 
 class DenseLayer(KerasLayer):
-    kind = LayerKind.LINEAR
+    """``Dense``: activations (N, in); leading dimensions fold into N."""
 
     def variables(self) -> List[tf.Variable]:
         return [self.layer.kernel] + ([self.layer.bias] if self.layer.use_bias else [])
@@ -90,23 +145,22 @@ class DenseLayer(KerasLayer):
 
 
 class Conv2DLayer(DenseLayer):
-    """Conv2D, channels_last, groups=1, dilation 1: patches in the kernel's (i, j, c) order."""
-
-    kind = LayerKind.CONV2D
+    """``Conv2D``: im2col patches (N, L, kh*kw*in) in the kernel's (i, j, c) order."""
 
     def a_input(self, x: tf.Tensor) -> tf.Tensor:
         kh, kw = self.layer.kernel_size
         sh, sw = self.layer.strides
-        patches = tf.image.extract_patches(x, [1, kh, kw, 1], [1, sh, sw, 1], [1, 1, 1, 1], self.layer.padding.upper())
-        n = tf.shape(patches)[0]
-        return tf.reshape(patches, (n, -1, patches.shape[-1]))
+        patches = tf.image.extract_patches(
+            x, [1, kh, kw, 1], [1, sh, sw, 1], [1, 1, 1, 1], self.layer.padding.upper()
+        )
+        return tf.reshape(patches, (tf.shape(patches)[0], -1, patches.shape[-1]))
 
     def g_output(self, g: tf.Tensor) -> tf.Tensor:
         return tf.reshape(g, (tf.shape(g)[0], -1, g.shape[-1]))
 
 
 class EmbeddingLayer(KerasLayer):
-    kind = LayerKind.EMBEDDING
+    """``Embedding``: A is diagonal (token frequencies); gradient matrix is dense(grad)^T."""
 
     def variables(self) -> List[tf.Variable]:
         return [self.layer.embeddings]
@@ -125,21 +179,23 @@ class EmbeddingLayer(KerasLayer):
 
 
 class NormLayer(KerasLayer):
-    """BatchNormalization / LayerNormalization over the last axis: unit-wise blocks."""
+    """``BatchNormalization`` / ``LayerNormalization`` over the last axis: unit-wise blocks."""
 
     def variables(self) -> List[tf.Variable]:
         return [self.layer.gamma, self.layer.beta]
 
     def to_ncl(self, t: tf.Tensor) -> tf.Tensor:
+        """(N, C, L) view of an output-shaped tensor (channels last in Keras)."""
         units = self.spec.out_features
         return tf.transpose(tf.reshape(t, (tf.shape(t)[0], -1, units)), (0, 2, 1))
 
     def x_hat(self, y: tf.Tensor) -> tf.Tensor:
-        gamma = tf.reshape(self.layer.gamma, (1, -1, 1))
-        beta = tf.reshape(self.layer.beta, (1, -1, 1))
-        safe = tf.where(gamma == 0, tf.ones_like(gamma), gamma)
-        x_hat = (self.to_ncl(y) - beta) / safe
-        return tf.where(gamma == 0, tf.zeros_like(x_hat), x_hat)
+        """Normalized input recovered from the output y, in (N, C, L)."""
+        gamma = tf.reshape(tf.cast(self.layer.gamma, y.dtype), (1, -1, 1))
+        beta = tf.reshape(tf.cast(self.layer.beta, y.dtype), (1, -1, 1))
+        zero = gamma == 0
+        x_hat = (self.to_ncl(y) - beta) / tf.where(zero, tf.ones_like(gamma), gamma)
+        return tf.where(zero, tf.zeros_like(x_hat), x_hat)
 
     def g_output(self, g: tf.Tensor) -> tf.Tensor:
         return self.to_ncl(g)
@@ -151,12 +207,29 @@ class NormLayer(KerasLayer):
         return [tf.reshape(mat[0], self.layer.gamma.shape), tf.reshape(mat[1], self.layer.beta.shape)]
 
 
+def _normalizes_last_axis(layer: Any) -> bool:
+    """Whether a built normalization layer normalizes (BN) / scales (LN) only the last axis."""
+    axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+    shape = getattr(layer, "_build_input_shape", None)
+    ndim = len(shape) if shape is not None else None
+    if len(axes) != 1:
+        return False
+    axis = int(axes[0])
+    return axis == -1 or (ndim is not None and axis == ndim - 1)
+
+
 def make_layer(name: str, layer: Any) -> Tuple[Optional[KerasLayer], Optional[str]]:
-    """A ``KerasLayer`` for a supported layer, or (None, reason)."""
+    """A ``KerasLayer`` for a supported (built) layer, or (None, reason why not).
+
+    The reason is None for layer types hvd_ngd does not handle at all (they keep their plain
+    gradients silently); it is a string for supported types in an unsupported configuration.
+    """
     L = keras.layers
-    if isinstance(layer, L.Conv2D) and type(layer) is L.Conv2D:
+    if type(layer) is L.Conv2D:
         if layer.groups != 1 or tuple(layer.dilation_rate) != (1, 1) or layer.data_format != "channels_last":
             return None, "only groups=1, dilation 1, channels_last Conv2D is supported"
+        if layer.padding not in ("valid", "same"):
+            return None, f"padding={layer.padding!r} (only 'valid' and 'same')"
         kh, kw = layer.kernel_size
         cin = int(layer.kernel.shape[2])
         spec = LayerSpec(name, LayerKind.CONV2D, kh * kw * cin, layer.filters, layer.use_bias)
@@ -168,14 +241,11 @@ def make_layer(name: str, layer: Any) -> Tuple[Optional[KerasLayer], Optional[st
         spec = LayerSpec(name, LayerKind.EMBEDDING, layer.input_dim, layer.output_dim, False)
         return EmbeddingLayer(name, layer, spec), None
     if type(layer) in (L.BatchNormalization, L.LayerNormalization):
-        if len(layer.gamma.shape) != 1:
-            return None, "only normalization over one (the last) axis is supported"
         if not (layer.scale and layer.center):
             return None, "needs scale=True and center=True"
+        if len(layer.gamma.shape) != 1 or not _normalizes_last_axis(layer):
+            return None, "only normalization over the last axis (channels_last) is supported"
         units = int(math.prod(layer.gamma.shape))
         kind = LayerKind.BATCHNORM if type(layer) is L.BatchNormalization else LayerKind.LAYERNORM
-        spec = LayerSpec(name, kind, units, units, True)
-        norm = NormLayer(name, layer, spec)
-        norm.kind = kind
-        return norm, None
+        return NormLayer(name, layer, LayerSpec(name, kind, units, units, True)), None
     return None, None

@@ -1,8 +1,12 @@
-"""``ArrayOps`` on TensorFlow tensors: the core's math on TF tensors (eager)."""
+"""``ArrayOps`` on TensorFlow tensors: the core's math runs on TF tensors (eagerly).
+
+Mirrors ``hvd_ngd.torch.ops.TorchOps`` method by method. TensorFlow places tensors itself, so
+the ``like`` arguments only give dtypes here.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -12,6 +16,10 @@ class TFOps:
     """``hvd_ngd.ops.ArrayOps`` implemented with TensorFlow."""
 
     name = "tensorflow"
+
+    def __init__(self) -> None:
+        self._triu: Dict[int, Tuple[tf.Tensor, tf.Tensor]] = {}
+        self._pairs_of: Dict[int, Tuple[tf.Tensor, tf.Tensor, tf.Tensor]] = {}
 
     def to_numpy(self, x: tf.Tensor) -> np.ndarray:
         return np.array(x.numpy(), copy=True)
@@ -41,7 +49,7 @@ class TFOps:
         return tf.reshape(x, tuple(shape))
 
     def transpose(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.linalg.matrix_transpose(x)
+        return tf.transpose(x) if x.shape.rank == 2 else tf.linalg.matrix_transpose(x)
 
     def concat(self, xs: Sequence[tf.Tensor], axis: int) -> tf.Tensor:
         return tf.concat(list(xs), axis=axis)
@@ -53,14 +61,24 @@ class TFOps:
         return tf.reshape(x, (-1,))
 
     def triu_indices(self, n: int, like: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
-        rows, cols = np.triu_indices(n)
-        return tf.constant(rows, dtype=tf.int64), tf.constant(cols, dtype=tf.int64)
+        if n not in self._triu:  # cached: packing runs for every factor at every step
+            rows, cols = np.triu_indices(n)
+            self._triu[n] = (tf.constant(rows, dtype=tf.int64), tf.constant(cols, dtype=tf.int64))
+            self._pairs_of[id(self._triu[n][0])] = (*self._triu[n], tf.constant(np.stack([rows, cols], 1), tf.int64))
+        return self._triu[n]
+
+    def _pairs(self, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
+        """(k, 2) indices for gather_nd/scatter_nd (precomputed for ``triu_indices`` results)."""
+        hit = self._pairs_of.get(id(rows))
+        if hit is not None and hit[0] is rows and hit[1] is cols:
+            return hit[2]
+        return tf.stack([rows, cols], axis=1)
 
     def gather2d(self, x: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
-        return tf.gather_nd(x, tf.stack([rows, cols], axis=1))
+        return tf.gather_nd(x, self._pairs(rows, cols))
 
     def scatter_sym(self, values: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor, n: int) -> tf.Tensor:
-        upper = tf.scatter_nd(tf.stack([rows, cols], axis=1), values, (n, n))
+        upper = tf.scatter_nd(self._pairs(rows, cols), values, (n, n))
         return upper + tf.transpose(upper) - tf.linalg.diag(tf.linalg.diag_part(upper))
 
     def matmul(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
@@ -82,7 +100,9 @@ class TFOps:
         return tf.abs(x)
 
     def maximum(self, x: tf.Tensor, y: Any) -> tf.Tensor:
-        return tf.maximum(x, tf.cast(y, x.dtype))
+        # A Python float goes straight to x's dtype (tf.cast would round it through float32).
+        other = tf.cast(y, x.dtype) if tf.is_tensor(y) else tf.constant(y, dtype=x.dtype)
+        return tf.maximum(x, other)
 
     def frobenius_norm(self, x: tf.Tensor) -> tf.Tensor:
         return tf.norm(tf.reshape(x, (-1,)))

@@ -72,3 +72,76 @@ def check(strategy: str) -> None:
         assert np.array_equal(gathered[r], gathered[0]), f"rank {r} differs from rank 0"
     rel = np.linalg.norm(params - reference) / np.linalg.norm(reference)
     assert rel < 1e-8, f"relative difference to the 1-rank reference {rel:.2e}"
+
+
+def gathered_equal_and_close(params: np.ndarray, reference: np.ndarray, tag: str) -> None:
+    """Identical parameters on every rank (named allgather), close to the 1-rank reference."""
+    gathered = hvd.allgather(tf.constant(params[None]), name=f"tf.equiv.{tag}").numpy()
+    for r in range(hvd.size()):
+        assert np.array_equal(gathered[r], gathered[0]), f"rank {r} differs from rank 0"
+    rel = np.linalg.norm(params - reference) / np.linalg.norm(reference)
+    assert rel < 1e-8, f"relative difference to the 1-rank reference {rel:.2e}"
+
+
+@pytest.mark.parametrize("strategy", ["comm-opt", "mem-opt"])
+def test_distributed_gradient_tape_in_tf_function(strategy: str) -> None:
+    """hvd.DistributedGradientTape averages the variables' gradients (KAISA, reduce_gradients=False);
+    the captured output gradients stay local. The step is a tf.function."""
+    cfg = dict(damping=0.01, factor_decay=0.8, kl_clip=0.05, lr=0.1)
+    reference = train(lambda m: KFAC(m, communicator=SingleProcessCommunicator(), reduce_gradients=True,
+                                     strategy="comm-opt", **cfg), None, None)
+    lo, hi = hvd.rank() * LOCAL, (hvd.rank() + 1) * LOCAL
+    model = make_model()
+    kfac = KFAC(model, strategy=strategy, **cfg)
+    opt = keras.optimizers.SGD(learning_rate=0.1, momentum=0.9)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        grads = kfac.gradient(hvd.DistributedGradientTape(tape), loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    for x, y in data():
+        step(tf.constant(x[lo:hi]), tf.constant(y[lo:hi]))
+    assert kfac.steps == STEPS
+    params = np.concatenate([v.numpy().reshape(-1) for v in model.trainable_variables])
+    gathered_equal_and_close(params, reference, f"tape.{strategy}")
+
+
+def fit(model, optimizer, x, y, batch_size: int, callbacks=()) -> keras.callbacks.History:
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model.fit(x, y, batch_size=batch_size, epochs=2, shuffle=False, verbose=0, callbacks=list(callbacks))
+
+
+@pytest.mark.parametrize("strategy", ["spngd", "comm-opt", "mem-opt"])
+def test_model_fit_matches_single_process(strategy: str) -> None:
+    """model.fit with hvd_ngd's Keras DistributedOptimizer on local shards == one process fitting
+    the concatenated batches; averaged epoch losses equal the reference's."""
+    import horovod.tensorflow.keras as hvd_keras
+
+    from hvd_ngd.tensorflow.keras import DistributedOptimizer
+    from hvd_ngd.tensorflow.keras.callbacks import MetricAverageCallback
+
+    cfg = dict(damping=0.01, factor_decay=0.8, kl_clip=0.05)
+    batches = data()
+    x_all = np.concatenate([x for x, _ in batches])
+    y_all = np.concatenate([y for _, y in batches])
+    ref_model = make_model()
+    ref_opt = DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), ref_model,
+                                   communicator=SingleProcessCommunicator(), strategy="comm-opt", **cfg)
+    ref_history = fit(ref_model, ref_opt, x_all, y_all, hvd.size() * LOCAL)
+    reference = np.concatenate([v.numpy().reshape(-1) for v in ref_model.trainable_variables])
+
+    lo, hi = hvd.rank() * LOCAL, (hvd.rank() + 1) * LOCAL
+    x_local = np.concatenate([x[lo:hi] for x, _ in batches])
+    y_local = np.concatenate([y[lo:hi] for _, y in batches])
+    model = make_model()
+    opt = DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), model, strategy=strategy, **cfg)
+    history = fit(model, opt, x_local, y_local, LOCAL,
+                  [hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0), MetricAverageCallback()])
+    assert opt.kfac.steps == 2 * STEPS
+    params = np.concatenate([v.numpy().reshape(-1) for v in model.trainable_variables])
+    gathered_equal_and_close(params, reference, f"fit.{strategy}")
+    np.testing.assert_allclose(history.history["loss"], ref_history.history["loss"], rtol=1e-8)
