@@ -163,7 +163,7 @@ def main() -> None:
                   f"{r['time_vs_sgd']:>9.2f} {b:>10} {r['skipped_fraction']:>8.2f}")
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"model": args.model, "ranks": hvd.size(), "device": dev,
+            Path(args.out).write_text(json.dumps({"framework": "pytorch", "model": args.model, "ranks": hvd.size(), "device": dev,
                                                   "batch_per_rank": args.batch_size, "rows": rows}, indent=2))
 
 

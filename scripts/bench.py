@@ -2,7 +2,8 @@
 """``make bench``: K-FAC vs SGD ratios measured side by side, written as JSON and markdown.
 
 Runs examples/pytorch_synthetic_benchmark.py on 1, 2 and 4 ranks (4 ranks oversubscribe a
-2-core machine), and plans ResNet-50's 107 layers for 8, 64, 256 and 1,024 ranks.
+2-core machine), examples/keras_synthetic_benchmark.py on 2 ranks, and plans ResNet-50's 107
+layers for 8, 64, 256 and 1,024 ranks.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from hvd_ngd.enums import AssignmentCost  # noqa: E402
 from hvd_ngd.models import resnet50_layer_specs  # noqa: E402
 
 
-def run_synthetic(ranks: int, out: Path, iters: int) -> dict:
-    path = out / f"synthetic_np{ranks}.json"
+def run_synthetic(ranks: int, out: Path, iters: int, framework: str = "pytorch") -> dict:
+    path = out / f"synthetic_{framework}_np{ranks}.json"
     cmd = [str(ROOT / ".venv/bin/horovodrun"), "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo",
-           str(ROOT / ".venv/bin/python"), str(ROOT / "examples/pytorch_synthetic_benchmark.py"),
+           str(ROOT / ".venv/bin/python"), str(ROOT / f"examples/{framework}_synthetic_benchmark.py"),
            "--iters", str(iters), "--out", str(path)]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=1200)
@@ -42,13 +43,13 @@ def plans() -> list:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| ranks | strategy | variant | img/s | time / SGD | bytes / SGD | statistics skipped |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| framework | ranks | strategy | variant | img/s | time / SGD | bytes / SGD | statistics skipped |",
+             "|---|---|---|---|---|---|---|---|"]
     for run in results["synthetic"]:
         for r in run["rows"]:
             b = "-" if r["bytes_vs_sgd"] is None else f"{r['bytes_vs_sgd']:.2f}"
-            lines.append(f"| {run['ranks']} | {r['strategy']} | {r['variant']} | {r['images_per_sec']:.1f} | "
-                         f"{r['time_vs_sgd']:.2f} | {b} | {r['skipped_fraction']:.2f} |")
+            lines.append(f"| {run.get('framework', 'pytorch')} | {run['ranks']} | {r['strategy']} | {r['variant']} | "
+                         f"{r['images_per_sec']:.1f} | {r['time_vs_sgd']:.2f} | {b} | {r['skipped_fraction']:.2f} |")
     lines += ["", "| ResNet-50 plan: ranks | cost model | max/mean load |", "|---|---|---|"]
     for p in results["plans"]:
         lines.append(f"| {p['ranks']} | {p['cost']} | {p['max_mean_load']:.2f} |")
@@ -59,11 +60,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--ranks", default="1,2,4")
+    parser.add_argument("--keras-ranks", default="2", help="ranks for the Keras benchmark ('' to skip)")
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    results = {"synthetic": [run_synthetic(int(n), out, args.iters) for n in args.ranks.split(",")], "plans": plans()}
+    synthetic = [run_synthetic(int(n), out, args.iters) for n in args.ranks.split(",") if n]
+    synthetic += [run_synthetic(int(n), out, args.iters, "keras") for n in args.keras_ranks.split(",") if n]
+    results = {"synthetic": synthetic, "plans": plans()}
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (out / "bench.md").write_text(table)

@@ -1,0 +1,152 @@
+"""Images/sec of SGD vs K-FAC variants with Keras, side by side, in the spirit of Horovod's
+tensorflow2_keras_synthetic_benchmark.py (random data, so only speed is measured).
+
+    horovodrun -np 2 -H localhost:2 --gloo python examples/keras_synthetic_benchmark.py --out results/bench/keras_np2.json
+
+The Keras twin of examples/pytorch_synthetic_benchmark.py: the same small bottleneck ResNet
+(``--model resnet50`` for the real one), trained with ``model.train_on_batch`` (Keras' compiled
+train step). Variants: SGD (``horovod.tensorflow.keras.DistributedOptimizer``) and, per strategy,
+``hvd_ngd.tensorflow.keras.DistributedOptimizer`` with every-step updates, fixed intervals
+(factors every 10 steps, inverses every 100) and the adaptive stale-statistics rule. Reported per
+variant: images/sec, time per step relative to SGD, modelled bytes sent per rank per step (ring
+algorithms) relative to SGD's gradient allreduce, and the fraction of statistics skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tf-keras (Keras 2): Horovod's Keras API needs it
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Dict, List, Tuple  # noqa: E402
+
+import horovod.tensorflow as hvd  # noqa: E402
+import horovod.tensorflow.keras as hvd_keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from hvd_ngd.tensorflow.keras import DistributedOptimizer  # noqa: E402
+
+keras = tf.keras
+L = keras.layers
+
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "every-step": dict(),
+    "fixed-10/100": dict(factor_update_interval=10, inv_update_interval=100),
+    "fixed-10/100-fp16": dict(factor_update_interval=10, inv_update_interval=100, wire_dtype="float16"),
+    "adaptive": dict(interval_policy="adaptive"),
+}
+
+
+def bottleneck(x: Any, planes: int, stride: int) -> Any:
+    """ResNet v1.5 bottleneck block (functional API)."""
+    cout = planes * 4
+    y = L.Conv2D(planes, 1, use_bias=False)(x)
+    y = L.ReLU()(L.BatchNormalization()(y))
+    y = L.Conv2D(planes, 3, strides=stride, padding="same", use_bias=False)(y)
+    y = L.ReLU()(L.BatchNormalization()(y))
+    y = L.BatchNormalization()(L.Conv2D(cout, 1, use_bias=False)(y))
+    if stride != 1 or x.shape[-1] != cout:
+        x = L.BatchNormalization()(L.Conv2D(cout, 1, strides=stride, use_bias=False)(x))
+    return L.ReLU()(L.Add()([x, y]))
+
+
+def build(name: str) -> Tuple[Any, Tuple[int, int, int], int]:
+    """Model, input shape (NHWC without N) and number of classes."""
+    if name == "resnet50":
+        blocks, width, classes, shape = [3, 4, 6, 3], 64, 1000, (224, 224, 3)
+    else:
+        blocks, width, classes, shape = [1, 1], 16, 10, (32, 32, 3)
+    inputs = keras.Input(shape)
+    if name == "resnet50":
+        x = L.Conv2D(width, 7, strides=2, padding="same", use_bias=False)(inputs)
+        x = L.MaxPooling2D(3, 2, padding="same")(L.ReLU()(L.BatchNormalization()(x)))
+    else:
+        x = L.ReLU()(L.BatchNormalization()(L.Conv2D(width, 3, padding="same", use_bias=False)(inputs)))
+    for stage, count in enumerate(blocks):
+        for b in range(count):
+            x = bottleneck(x, width * 2**stage, 2 if b == 0 and stage > 0 else 1)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(classes)(x)), shape, classes
+
+
+def bench_one(variant: str, strategy: str, args: argparse.Namespace) -> Dict[str, Any]:
+    keras.utils.set_random_seed(0)
+    model, shape, classes = build(args.model)
+    sgd = keras.optimizers.SGD(0.01, momentum=0.9)
+    if variant == "sgd":
+        opt = hvd_keras.DistributedOptimizer(sgd)
+    else:
+        opt = DistributedOptimizer(sgd, model, strategy=strategy, damping=1e-3, lr=0.01, **VARIANTS[variant])
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    hvd.broadcast_variables(model.variables, root_rank=0)
+    rng = np.random.default_rng(hvd.rank())
+    x = tf.constant(rng.standard_normal((args.batch_size, *shape)).astype(np.float32))
+    y = tf.constant(rng.integers(0, classes, args.batch_size))
+    for _ in range(args.warmup):
+        model.train_on_batch(x, y)
+    kfac = getattr(opt, "kfac", None)
+    bytes_before = kfac.comm.bytes_sent if kfac is not None else 0
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        model.train_on_batch(x, y)
+    elapsed = time.perf_counter() - start
+    param_bytes = sum(int(np.prod(v.shape)) * v.dtype.size for v in model.trainable_variables)
+    n = hvd.size()
+    if kfac is None:
+        sent, skipped = 2.0 * (n - 1) / n * param_bytes, 0.0
+    else:  # the Keras optimizer reduces every gradient itself: all bytes are counted
+        sent, skipped = (kfac.comm.bytes_sent - bytes_before) / args.iters, kfac.engine.tracker.counts.skipped_fraction
+    return {
+        "variant": variant,
+        "strategy": strategy if kfac is not None else "-",
+        "seconds_per_step": elapsed / args.iters,
+        "images_per_sec": args.batch_size * n * args.iters / elapsed,
+        "bytes_per_step": sent,
+        "skipped_fraction": skipped,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small", choices=["small", "resnet50"])
+    parser.add_argument("--batch-size", type=int, default=16, help="per rank")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--strategies", default="spngd,comm-opt,mem-opt")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads per rank")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    hvd.init()
+    rows: List[Dict[str, Any]] = [bench_one("sgd", "-", args)]
+    for strategy in args.strategies.split(","):
+        for variant in args.variants.split(","):
+            rows.append(bench_one(variant, strategy, args))
+    sgd = rows[0]
+    for row in rows:
+        row["time_vs_sgd"] = row["seconds_per_step"] / sgd["seconds_per_step"]
+        row["bytes_vs_sgd"] = row["bytes_per_step"] / sgd["bytes_per_step"] if sgd["bytes_per_step"] else None
+    if hvd.rank() == 0:
+        print(f"keras model {args.model}, {hvd.size()} ranks, batch {args.batch_size}/rank, CPU")
+        print(f"{'strategy':<10} {'variant':<18} {'img/s':>8} {'ms/step':>8} {'time/SGD':>9} {'bytes/SGD':>10} {'skipped':>8}")
+        for r in rows:
+            b = "-" if r["bytes_vs_sgd"] is None else f"{r['bytes_vs_sgd']:.2f}"
+            print(f"{r['strategy']:<10} {r['variant']:<18} {r['images_per_sec']:>8.1f} {1000 * r['seconds_per_step']:>8.1f} "
+                  f"{r['time_vs_sgd']:>9.2f} {b:>10} {r['skipped_fraction']:>8.2f}")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"framework": "keras", "model": args.model, "ranks": hvd.size(),
+                                                  "device": "CPU", "batch_per_rank": args.batch_size, "rows": rows},
+                                                 indent=2))
+
+
+if __name__ == "__main__":
+    main()
