@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Dict, List, Optional, Sequence  # noqa: E402
@@ -42,8 +43,10 @@ from tqdm import tqdm  # noqa: E402
 from hvd_ngd.tensorflow.keras import DistributedOptimizer  # noqa: E402
 from hvd_ngd.tensorflow.keras.callbacks import MetricAverageCallback  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reporting import TARGET, plot_digits  # noqa: E402
+
 keras = tf.keras
-TARGET = 0.97
 LEARNING_RATES = {"sgd": 0.2, "kfac": 0.1, "adam": 1e-2}
 KFAC_CONFIG = dict(damping=3e-2, kl_clip=None, factor_decay=0.95, strategy="spngd")
 
@@ -190,41 +193,6 @@ def run(
     return {kind: train_one(kind, epochs, batch_size, seed, lrs.get(kind), kfac_config) for kind in optimizers}
 
 
-def plot(results: Dict[str, Dict], path: Path) -> None:
-    """Test accuracy and loss (training solid, test dashed) vs epoch and vs wall time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for i, (kind, res) in enumerate(results.items()):
-        h, color = res["history"], f"C{i}"
-        label = f"{kind} (lr {res['lr']:g})"
-        for col, x in enumerate((h["epoch"], h["seconds"])):
-            axes[0, col].plot(x, h["test_accuracy"], color=color, label=label)
-            axes[1, col].plot(x, h["train_loss"], color=color, label=f"{kind} train")
-            axes[1, col].plot(x, h["test_loss"], color=color, linestyle="--", label=f"{kind} test")
-    for ax in axes[0]:
-        ax.axhline(TARGET, color="grey", linestyle=":")
-        ax.set_ylim(0.8, 1.0)
-        ax.set_ylabel("test accuracy")
-    for ax in axes[1]:
-        ax.set_yscale("log")
-        ax.set_ylabel("loss")
-    for ax in axes[:, 0]:
-        ax.set_xlabel("epoch")
-    for ax in axes[:, 1]:
-        ax.set_xlabel("seconds")
-    axes[0, 0].legend()
-    axes[1, 1].legend(fontsize="small", ncol=2)
-    batch = next(iter(results.values()))["global_batch"]
-    fig.suptitle(f"digits, Keras model.fit, {hvd.size()} Horovod ranks, global batch {batch}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30)
@@ -249,7 +217,8 @@ def main() -> None:
         summary = {k: dict({kk: vv for kk, vv in v.items() if kk != "params"}, ranks=hvd.size(), seed=args.seed,
                            target=TARGET) for k, v in results.items()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot(results, out / "digits.png")
+        batch = next(iter(results.values()))["global_batch"]
+        plot_digits(results, out / "digits.png", f"digits, Keras model.fit, {hvd.size()} Horovod ranks, global batch {batch}")
         for kind, res in results.items():
             print(f"{kind:>5} (lr {res['lr']:g}): epochs to {TARGET:.0%}: {res['epochs_to_target']}, "
                   f"seconds to {TARGET:.0%}: {res['seconds_to_target'] and round(res['seconds_to_target'], 1)}, "

@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Dict, List, Tuple  # noqa: E402
 
@@ -31,6 +32,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from hvd_ngd.tensorflow.keras import DistributedOptimizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reporting import add_ratios, format_table  # noqa: E402
 
 keras = tf.keras
 L = keras.layers
@@ -130,17 +134,9 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         for variant in args.variants.split(","):
             rows.append(bench_one(variant, strategy, args))
-    sgd = rows[0]
-    for row in rows:
-        row["time_vs_sgd"] = row["seconds_per_step"] / sgd["seconds_per_step"]
-        row["bytes_vs_sgd"] = row["bytes_per_step"] / sgd["bytes_per_step"] if sgd["bytes_per_step"] else None
+    add_ratios(rows)
     if hvd.rank() == 0:
-        print(f"keras model {args.model}, {hvd.size()} ranks, batch {args.batch_size}/rank, CPU")
-        print(f"{'strategy':<10} {'variant':<18} {'img/s':>8} {'ms/step':>8} {'time/SGD':>9} {'bytes/SGD':>10} {'skipped':>8}")
-        for r in rows:
-            b = "-" if r["bytes_vs_sgd"] is None else f"{r['bytes_vs_sgd']:.2f}"
-            print(f"{r['strategy']:<10} {r['variant']:<18} {r['images_per_sec']:>8.1f} {1000 * r['seconds_per_step']:>8.1f} "
-                  f"{r['time_vs_sgd']:>9.2f} {b:>10} {r['skipped_fraction']:>8.2f}")
+        print(format_table(rows, f"keras model {args.model}, {hvd.size()} ranks, batch {args.batch_size}/rank, CPU"))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"framework": "keras", "model": args.model, "ranks": hvd.size(),

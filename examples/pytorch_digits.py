@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -31,7 +32,9 @@ from tqdm import tqdm
 
 import hvd_ngd.torch as ngd
 
-TARGET = 0.97
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reporting import TARGET, plot_digits  # noqa: E402
+
 LEARNING_RATES = {"sgd": 0.1, "kfac": 0.2, "adam": 3e-3}
 KFAC_CONFIG = dict(damping=3e-3, kl_clip=1e-2, factor_decay=0.95, strategy="spngd")
 
@@ -81,7 +84,8 @@ def train_one(kind: str, epochs: int, batch_size: int, seed: int, lr: float | No
     torch.manual_seed(seed)
     model = build_model()
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    opt = make_optimizer(kind, model, lr if lr is not None else LEARNING_RATES[kind])
+    lr = lr if lr is not None else LEARNING_RATES[kind]
+    opt = make_optimizer(kind, model, lr)
     local = batch_size // hvd.size()
     gen = torch.Generator().manual_seed(seed)
     history: Dict[str, List[float]] = {"epoch": [], "test_accuracy": [], "train_loss": [], "seconds": []}
@@ -120,6 +124,8 @@ def train_one(kind: str, epochs: int, batch_size: int, seed: int, lr: float | No
     steps_per_epoch = steps // epochs
     return {
         "optimizer": kind,
+        "lr": lr,
+        "global_batch": batch_size,
         "history": history,
         "epochs_to_target": history["epoch"][first] if first is not None else None,
         "steps_to_target": (first + 1) * steps_per_epoch if first is not None else None,
@@ -142,37 +148,6 @@ def run(
     return {kind: train_one(kind, epochs, batch_size, seed, lrs.get(kind)) for kind in optimizers}
 
 
-def plot(results: Dict[str, Dict], path: Path) -> None:
-    """Test accuracy and training loss vs epoch and vs wall time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for kind, res in results.items():
-        h = res["history"]
-        axes[0, 0].plot(h["epoch"], h["test_accuracy"], label=kind)
-        axes[0, 1].plot(h["seconds"], h["test_accuracy"], label=kind)
-        axes[1, 0].plot(h["epoch"], h["train_loss"], label=kind)
-        axes[1, 1].plot(h["seconds"], h["train_loss"], label=kind)
-    for ax in axes[0]:
-        ax.axhline(TARGET, color="grey", linestyle=":")
-        ax.set_ylim(0.8, 1.0)
-        ax.set_ylabel("test accuracy")
-    for ax in axes[1]:
-        ax.set_yscale("log")
-        ax.set_ylabel("training loss")
-    for ax in axes[:, 0]:
-        ax.set_xlabel("epoch")
-    for ax in axes[:, 1]:
-        ax.set_xlabel("seconds")
-    axes[0, 0].legend()
-    fig.suptitle(f"digits, {hvd.size()} Horovod ranks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=20)
@@ -191,7 +166,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         summary = {k: {kk: vv for kk, vv in v.items() if kk != "params"} for k, v in results.items()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot(results, out / "digits.png")
+        plot_digits(results, out / "digits.png", f"digits, PyTorch, {hvd.size()} Horovod ranks, global batch {args.batch_size}")
         for kind, res in results.items():
             print(f"{kind:>5}: epochs to {TARGET:.0%}: {res['epochs_to_target']}, final accuracy "
                   f"{res['final_accuracy']:.4f}, {1000 * res['seconds_per_step']:.1f} ms/step")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -24,6 +25,9 @@ import torch
 from torch import nn
 
 import hvd_ngd.torch as ngd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reporting import add_ratios, format_table  # noqa: E402
 
 
 class Bottleneck(nn.Module):
@@ -149,18 +153,10 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         for variant in args.variants.split(","):
             rows.append(bench_one(args.model, variant, strategy, args, device))
-    sgd = rows[0]
-    for row in rows:
-        row["time_vs_sgd"] = row["seconds_per_step"] / sgd["seconds_per_step"]
-        row["bytes_vs_sgd"] = row["bytes_per_step"] / sgd["bytes_per_step"] if sgd["bytes_per_step"] else None
+    add_ratios(rows)
     if hvd.rank() == 0:
         dev = torch.cuda.get_device_name(device) if args.cuda else "CPU"
-        print(f"model {args.model}, {hvd.size()} ranks, batch {args.batch_size}/rank, {dev}")
-        print(f"{'strategy':<10} {'variant':<18} {'img/s':>8} {'ms/step':>8} {'time/SGD':>9} {'bytes/SGD':>10} {'skipped':>8}")
-        for r in rows:
-            b = "-" if r["bytes_vs_sgd"] is None else f"{r['bytes_vs_sgd']:.2f}"
-            print(f"{r['strategy']:<10} {r['variant']:<18} {r['images_per_sec']:>8.1f} {1000 * r['seconds_per_step']:>8.1f} "
-                  f"{r['time_vs_sgd']:>9.2f} {b:>10} {r['skipped_fraction']:>8.2f}")
+        print(format_table(rows, f"model {args.model}, {hvd.size()} ranks, batch {args.batch_size}/rank, {dev}"))
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"framework": "pytorch", "model": args.model, "ranks": hvd.size(), "device": dev,

@@ -16,38 +16,38 @@ thread count), so the test compares the mean over four seeds and prints every ru
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import horovod.tensorflow as hvd
 import horovod.tensorflow.keras as hvd_keras
 import numpy as np
 import tensorflow as tf
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from hvd_ngd.tensorflow.keras import DistributedOptimizer
 from hvd_ngd.tensorflow.keras.callbacks import MetricAverageCallback
 
 keras = tf.keras
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "keras_digits.py"
 TARGET, MAX_EPOCHS, GLOBAL_BATCH, SEEDS = 0.97, 20, 512, (0, 1, 2, 3)
 SGD_LR = 0.2
 KFAC_CONFIG = dict(lr=0.1, damping=3e-2, kl_clip=None, factor_decay=0.95, strategy="spngd")
 
 
-def data():
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype("float32").reshape(-1, 8, 8, 1)
-    return train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+def load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("keras_digits", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+DIGITS = load_example()  # the example's model and data split
 
 
 def build_model(seed: int):
     keras.backend.set_floatx("float32")
-    keras.utils.set_random_seed(seed)
-    L = keras.layers
-    return keras.Sequential([
-        keras.Input((8, 8, 1)),
-        L.Conv2D(16, 3, padding="same"), L.BatchNormalization(momentum=0.9), L.ReLU(),
-        L.Conv2D(32, 3, padding="same"), L.BatchNormalization(momentum=0.9), L.ReLU(),
-        L.AveragePooling2D(2), L.Flatten(), L.Dense(10),
-    ])
+    return DIGITS.build_model(seed)
 
 
 class TestAccuracy(keras.callbacks.Callback):
@@ -71,7 +71,7 @@ class TestAccuracy(keras.callbacks.Callback):
 
 def fit(kind: str, seed: int):
     """Train one optimizer from seed ``seed``; returns (epochs to target or None, accuracies, params)."""
-    xtr, xte, ytr, yte = data()
+    xtr, xte, ytr, yte = DIGITS.load_data()
     model = build_model(seed)
     sgd = keras.optimizers.SGD(SGD_LR if kind == "sgd" else KFAC_CONFIG["lr"], momentum=0.9)
     opt = DistributedOptimizer(sgd, model, **KFAC_CONFIG) if kind == "kfac" else hvd_keras.DistributedOptimizer(sgd)

@@ -33,7 +33,7 @@ def test_keras_digits_runs_summarises_and_plots(tmp_path: Path) -> None:
         assert np.array_equal(gathered[0], gathered[1]), f"{kind}: ranks ended with different parameters"
     assert results["kfac"]["config"]["strategy"] == "spngd"
     if hvd.rank() == 0:
-        digits.plot(results, tmp_path / "digits.png")
+        digits.plot_digits(results, tmp_path / "digits.png", "digits")
         assert (tmp_path / "digits.png").stat().st_size > 10_000
 
 

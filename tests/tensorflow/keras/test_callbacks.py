@@ -21,26 +21,10 @@ from hvd_ngd.tensorflow.keras.callbacks import (  # noqa: E402
     KFACScheduleCallback,
     load_kfac_state,
 )
+from tests.tensorflow.keras.test_optimizer import N, data, float64, make_model  # noqa: E402,F401  (fixture)
 
 keras = tf.keras
-N = 5
 CFG = dict(damping=0.05, kl_clip=1e-2, strategy="comm-opt", factor_update_interval=2, inv_update_interval=3)
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    keras.backend.set_floatx("float64")
-    yield
-    keras.backend.set_floatx("float32")
-
-
-def make_model():
-    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(3, 3, activation="relu"),
-                              keras.layers.BatchNormalization(), keras.layers.Flatten(), keras.layers.Dense(3)])
-    for v in model.variables:
-        if v.trainable:
-            v.assign(tf.cast(tf.reshape(tf.range(tf.size(v)), v.shape), v.dtype) * 0.011 - 0.05)
-    return model
 
 
 def compiled(**config):
@@ -50,11 +34,6 @@ def compiled(**config):
                                communicator=SingleProcessCommunicator(), **dict(CFG, **config))
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model, opt
-
-
-def data():
-    rng = np.random.default_rng(3)
-    return rng.normal(size=(4 * N, 4, 4, 1)), rng.integers(0, 3, size=4 * N)
 
 
 def test_schedule_sets_values_each_epoch_and_logs_them() -> None:
