@@ -67,6 +67,11 @@ class HorovodCommunicatorBase:
                     "to hvd.init(process_sets=...)"
                 ) from exc
 
+    def reset(self) -> None:
+        """Forget the cached process sets: Horovod dropped them when it re-initialised (an
+        elastic reset); ``register_groups`` adds the new world's sets again."""
+        self._sets.clear()
+
     def process_set(self, group: Optional[Sequence[int]]) -> Any:
         """The Horovod process set of ``group`` (None or every rank: the global set)."""
         if group is None or len(group) == self.size:
@@ -89,6 +94,10 @@ class HorovodCommunicatorBase:
     def allgather_object(self, obj: Any, *, name: str) -> List[Any]:
         """Every rank's picklable ``obj``, in rank order."""
         return self.hvd.allgather_object(obj, name=name)
+
+    def broadcast_object(self, obj: Any, root: int, *, name: str) -> Any:
+        """``root``'s picklable ``obj`` on every rank (``root`` is a global rank)."""
+        return self.hvd.broadcast_object(obj, root_rank=root, name=name)
 
 
 def known_process_sets() -> List[Any]:

@@ -361,6 +361,14 @@ class Preconditioner:
                     stat_name(s.name, k) for s in self.specs.values() if not s.kind.is_unitwise for k in ("A", "G")
                 )
 
+    def discard_step(self) -> None:
+        """Drop what was captured or started for the current step (statistics accumulated, factor
+        allreduces in flight): the step will not be taken, e.g. after an elastic reset. Local."""
+        self._accumulated.clear()
+        self.inflight.clear()
+        self._fallen.clear()
+        self._due = None
+
     # ------------------------------------------------------------------ the step
     def hyperparameters(self, extra: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
         """The values every rank must agree on at this step (see ``check_hyperparameters``).

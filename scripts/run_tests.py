@@ -6,6 +6,8 @@ Phases (torch and TensorFlow never share a process):
     torch         pytest tests/torch, single process
     torch-np2     horovodrun -np 2 pytest tests/torch/distributed -m "not np4"
     torch-np4     horovodrun -np 4 pytest tests/torch/distributed -m np4
+    torch-elastic pytest tests/torch/elastic: elastic state without a cluster, then elastic
+                  horovodrun jobs (launched by the tests) that remove and add a worker mid-run
     tf            pytest tests/tensorflow, single process
     tf-np2 / tf-np4  the same for tests/tensorflow/distributed
 
@@ -39,9 +41,10 @@ def horovod(np_: int, args: List[str]) -> List[str]:
 
 PHASES: Dict[str, Tuple[List[str], str, int]] = {
     "core": (PYTEST + ["tests/core"], "tests/core", 900),
-    "torch": (PYTEST + ["tests/torch", "--ignore=tests/torch/distributed"], "tests/torch", 900),
+    "torch": (PYTEST + ["tests/torch", "--ignore=tests/torch/distributed", "--ignore=tests/torch/elastic"], "tests/torch", 900),
     "torch-np2": (horovod(2, ["tests/torch/distributed", "-m", "not np4"]), "tests/torch/distributed", 1500),
     "torch-np4": (horovod(4, ["tests/torch/distributed", "-m", "np4"]), "tests/torch/distributed", 900),
+    "torch-elastic": (PYTEST + ["tests/torch/elastic"], "tests/torch/elastic", 600),
     "tf": (PYTEST + ["tests/tensorflow", "--ignore=tests/tensorflow/distributed"], "tests/tensorflow", 900),
     "tf-np2": (horovod(2, ["tests/tensorflow/distributed", "-m", "not np4"]), "tests/tensorflow/distributed", 1500),
     "tf-np4": (horovod(4, ["tests/tensorflow/distributed", "-m", "np4"]), "tests/tensorflow/distributed", 900),
@@ -107,9 +110,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"unknown phases {unknown}; choose from {list(PHASES)}")
     results = [(n,) + run_phase(n) for n in names]
     print("\n=== summary")
-    print(f"{'phase':<12} {'result':<34} {'seconds':>8} {'passed':>7} {'failed':>7}")
+    print(f"{'phase':<14} {'result':<34} {'seconds':>8} {'passed':>7} {'failed':>7}")
     for name, result, secs, passed, failed in results:
-        print(f"{name:<12} {result:<34} {secs:>8.1f} {passed:>7} {failed:>7}")
+        print(f"{name:<14} {result:<34} {secs:>8.1f} {passed:>7} {failed:>7}")
     total_passed = sum(r[3] for r in results)
     total_failed = sum(r[4] for r in results)
     bad = any(not r[1].startswith(("OK", "SKIPPED")) for r in results)

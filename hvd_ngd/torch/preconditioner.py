@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -50,6 +51,9 @@ class KFAC:
             optimizer.step()
 
     ``step()`` replaces each registered layer's ``.grad`` by its preconditioned gradient.
+    Under ``horovodrun`` elastic (``HOROVOD_ELASTIC=1``) construction communicates nothing: the
+    rank-consistency check and process-set registration run at ``connect()`` (called by
+    ``hvd_ngd.torch.elastic.KFACState``'s sync and by the first ``step()``).
 
     Args:
         model: the model; supported modules (Linear, Conv2d, BatchNorm1d/2d, SyncBatchNorm,
@@ -85,6 +89,7 @@ class KFAC:
         self.model = model
         self.reduce_gradients = reduce_gradients
         self.grad_scaler = grad_scaler
+        communicator_is_default = communicator is None
         if communicator is None:
             from hvd_ngd.torch.communicator import HorovodCommunicator
 
@@ -111,18 +116,69 @@ class KFAC:
                 "hvd_ngd.torch.KFAC found no supported layer (Linear, Conv2d, BatchNorm1d/2d, LayerNorm, "
                 f"Embedding) in {type(model).__name__}; skipped: {self.skipped}"
             )
-        specs = [layer.spec for layer in self.layers]
-        check_consistent(self.comm, specs, self.config)
-        self.engine = Preconditioner(specs, self.config, self.ops, self.comm)
-        register = getattr(self.comm, "register_groups", None)
-        if register is not None:
-            register(list(self.engine.worker_groups) + list(self.engine.receiver_groups))
+        # Under ``horovodrun`` elastic nothing may communicate before ``hvd.elastic.run``: a worker
+        # that joins a running job builds its model while the others synchronise state. The
+        # collective part of the setup then runs at the state's sync (or the first step).
+        deferred = communicator_is_default and os.environ.get("HOROVOD_ELASTIC") == "1"
+        if not deferred:  # before the engine: a config that fails on one rank must not hang the others
+            check_consistent(self.comm, [layer.spec for layer in self.layers], self.config)
+        self.rebuild()
+        if not deferred:
+            self._register_groups()
+            self._connected = True
         covered = {id(p) for layer in self.layers for p in layer.params()}
         self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
-        self._backward_seen = False
         self._handles = [
             layer.module.register_forward_hook(functools.partial(self._forward_hook, layer)) for layer in self.layers
         ]
+
+    # ------------------------------------------------------------------ world (elastic)
+    def rebuild(self) -> None:
+        """Build a fresh engine for the communicator's current world size and rank.
+
+        For Horovod elastic: after a reset (``hvd.shutdown(); hvd.init()`` with another world
+        size or rank) the layer-to-rank plan and the worker groups are recomputed and the cached
+        process sets are forgotten. Local (no collective), so it may run in a reset callback.
+        The running state (factors, inverses, step count) starts empty: load a ``state_dict``
+        afterwards (``hvd_ngd.torch.elastic.KFACState`` does). The collective part of the setup
+        (rank-consistency check, process-set registration) is left to ``connect()``, which the
+        next ``step()`` calls.
+        """
+        reset = getattr(self.comm, "reset", None)
+        if reset is not None:
+            reset()
+        self.engine = Preconditioner([layer.spec for layer in self.layers], self.config, self.ops, self.comm)
+        self._connected = False
+        self._backward_seen = False
+
+    def connect(self) -> None:
+        """Run the collective part of the setup once per engine: compare layers and config across
+        ranks and register the engine's process sets. Every rank must call it (``step()`` does).
+
+        Raises:
+            RankMismatchError: ranks registered different layers or configurations.
+            RuntimeError: a process set is needed but dynamic process sets are off.
+        """
+        if self._connected:
+            return
+        check_consistent(self.comm, [layer.spec for layer in self.layers], self.config)
+        self._register_groups()
+        self._connected = True
+
+    def _register_groups(self) -> None:
+        register = getattr(self.comm, "register_groups", None)
+        if register is not None:
+            register(list(self.engine.worker_groups) + list(self.engine.receiver_groups))
+
+    def abandon_step(self) -> None:
+        """Drop the statistics captured since the last ``step()`` (e.g. a step interrupted by an
+        elastic reset between ``loss.backward()`` and ``step()``); local."""
+        self._backward_seen = False
+        self.engine.discard_step()
+
+    def is_current(self) -> bool:
+        """Whether the engine was planned for the communicator's current world size and rank."""
+        return self.engine.world == self.comm.size and self.engine.rank == self.comm.rank
 
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, layer: TorchLayer, module: nn.Module, inputs: Sequence[Any], output: Any) -> None:
@@ -169,12 +225,21 @@ class KFAC:
             RuntimeError: when no backward pass ran since the last ``step()`` (called before
                 ``loss.backward()``, or twice for one backward).
             RankMismatchError: when ranks step with different hyperparameters.
+            RuntimeError: the world size or rank changed since the engine was planned (Horovod
+                elastic without ``hvd_ngd.torch.elastic.KFACState``).
         """
         if not self._backward_seen:
             raise RuntimeError(
                 "hvd_ngd: KFAC.step() was called without a backward pass since the last step(): call "
                 "loss.backward() (and optimizer.synchronize()) first, and step() once per optimizer step"
             )
+        if not self.is_current():
+            raise RuntimeError(
+                f"hvd_ngd: the world changed (engine planned for rank {self.engine.rank} of {self.engine.world}, "
+                f"now rank {self.comm.rank} of {self.comm.size}): under Horovod elastic use "
+                "hvd_ngd.torch.elastic.KFACState, or call kfac.rebuild() and load a state_dict"
+            )
+        self.connect()
         if lr is not None:
             self.engine.config.lr = float(lr)
         grads = {layer.name: layer.grad_matrix() for layer in self.layers}
