@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -62,8 +62,13 @@ def _same(a: float, b: float) -> bool:
 
 
 def check_hyperparameters(
-    comm: Communicator, ops: ArrayOps, values: Mapping[str, float], step: int, like: Array = None
-) -> None:
+    comm: Communicator,
+    ops: ArrayOps,
+    values: Mapping[str, float],
+    step: int,
+    like: Array = None,
+    shared_max: Optional[Mapping[str, float]] = None,
+) -> Dict[str, float]:
     """Compare this step's hyperparameter values across ranks with one small allgather.
 
     Every rank sends the same number of float64 values (the names come from the same code on
@@ -76,15 +81,24 @@ def check_hyperparameters(
         values: name -> value, in an order fixed by the code (e.g. ``lr``, ``damping``).
         step: the step, for the message.
         like: a tensor whose device the sent tensor uses (None: the backend's default).
+        shared_max: values that may legitimately differ between ranks and are agreed on by
+            taking the largest (per-layer damping, which only the ranks that precondition a
+            layer escalate); sent in the same allgather, never compared.
+
+    Returns:
+        ``shared_max``'s names with the largest value any rank sent.
 
     Raises:
         RankMismatchError: on every rank, naming each differing value and the ranks' values.
     """
+    shared = dict(shared_max or {})
     names = list(values)
-    mine = np.array([[float(values[n]) for n in names]], dtype=np.float64)
+    mine = np.array([[float(values[n]) for n in names] + [float(shared[n]) for n in shared]], dtype=np.float64)
     sent = ops.from_numpy(mine, like=like)
     table = np.asarray(ops.to_numpy(comm.allgather(sent, name="hvd_ngd.consistency.hyperparameters")))
-    table = table.reshape(comm.size, len(names))
+    table = table.reshape(comm.size, len(names) + len(shared))
+    merged = {n: float(table[:, len(names) + j].max()) for j, n in enumerate(shared)}
+    table = table[:, : len(names)]
     diffs = [
         (name, [float(v) for v in table[:, j]])
         for j, name in enumerate(names)
@@ -97,5 +111,6 @@ def check_hyperparameters(
         raise RankMismatchError(
             f"hvd_ngd: hyperparameters differ across ranks at step {step}: {detail}. Every rank must use the "
             "same values at every step (apply learning-rate and damping schedules identically on every rank, "
-            "and call step() once per optimizer step on every rank)"
+            "and take every preconditioned step on every rank)"
         )
+    return merged

@@ -383,7 +383,6 @@ class Preconditioner:
             "damping": float(cfg.damping),
             "factor_decay": float(cfg.factor_decay),
             "kl_clip": -1.0 if cfg.kl_clip is None else float(cfg.kl_clip),
-            "layer_damping_sum": float(sum(self.layer_damping.values())),
         }
         if cfg.interval_policy is IntervalPolicy.FIXED:
             for name in ("factor_update_interval", "inv_update_interval"):
@@ -400,7 +399,13 @@ class Preconditioner:
         every = self.config.consistency_check_interval
         if self.world == 1 or not every or self.steps % every or self._checked_step == self.steps:
             return
-        consistency.check_hyperparameters(self.comm, self.ops, self.hyperparameters(extra), self.steps, like)
+        # Per-layer damping is escalated only where a layer is preconditioned (its SP-NGD owner
+        # or KAISA gradient workers): the same allgather shares the largest value with every rank.
+        shared = {f"layer_damping.{n}": d for n, d in self.layer_damping.items()}
+        merged = consistency.check_hyperparameters(
+            self.comm, self.ops, self.hyperparameters(extra), self.steps, like, shared_max=shared
+        )
+        self.layer_damping = {n: merged[f"layer_damping.{n}"] for n in self.layer_damping}
         self._checked_step = self.steps
 
     def step(
@@ -487,17 +492,22 @@ class Preconditioner:
         local = {
             "factors": {k: self.ops.to_numpy(v) for k, v in self.factors.items()},
             "inverses": {k: [self.ops.to_numpy(t) for t in inverse.inverse_to_tensors(v)] for k, v in self.inverses.items()},
+            "layer_damping": dict(self.layer_damping),
+            "force_inverse": sorted(self.force_inverse),
         }
         merged: Dict[str, dict] = {"factors": {}, "inverses": {}}
         everyone = self.comm.allgather_object(local, name="hvd_ngd.state_dict") if self.world > 1 else [local]
         for part in reversed(everyone):  # the lowest rank holding a value wins
             merged["factors"].update(part["factors"])
             merged["inverses"].update(part["inverses"])
+        # Escalated damping and forced inverses live where the layer was preconditioned.
+        layer_damping = {n: max(p["layer_damping"][n] for p in everyone) for n in self.layer_damping}
+        force_inverse = sorted(set().union(*(p["force_inverse"] for p in everyone)))
         return {
             "steps": self.steps,
             "method": self.config.inverse_method.value,
-            "layer_damping": dict(self.layer_damping),
-            "force_inverse": sorted(self.force_inverse),
+            "layer_damping": layer_damping,
+            "force_inverse": force_inverse,
             "tracker": self.tracker.state_dict(),
             "factors": merged["factors"],
             "inverses": merged["inverses"],

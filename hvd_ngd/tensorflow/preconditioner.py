@@ -46,6 +46,38 @@ Scalar = Union[float, tf.Tensor, tf.Variable]
 _Captured = List[Tuple[KerasLayer, Record]]
 
 
+def optimizer_hyperparameters(optimizer: Any) -> Dict[str, Scalar]:
+    """Numeric hyperparameters of a tf-keras optimizer, for the per-step rank-consistency check.
+
+    Pass the result as ``KFAC.gradient(..., hyperparameters=...)``. It holds the public numeric
+    attributes of tf-keras optimizers (``momentum``, ``beta_1``, ``epsilon``, ``ema_momentum``,
+    ``weight_decay`` or ``clipnorm`` when set, ...) and, for legacy optimizers, the entries of
+    their hyperparameter table (``momentum``, ``decay``, ``beta_1``, ...), as floats, tensors
+    or variables, so it can be called inside a ``tf.function`` (e.g. ``model.fit``'s train
+    step). The learning rate is left out: pass it as ``lr`` (compared as ``lr``).
+
+    Args:
+        optimizer: a tf-keras optimizer (new or legacy).
+
+    Returns:
+        Name -> value, the same names on every rank that builds the same optimizer.
+    """
+    items = [(k, v) for k, v in vars(optimizer).items() if not k.startswith("_")]
+    hyper = getattr(optimizer, "_hyper", None)  # legacy OptimizerV2
+    if isinstance(hyper, dict):
+        items += list(hyper.items())
+    out: Dict[str, Scalar] = {}
+    for key, value in sorted(items, key=lambda item: item[0]):
+        if key in ("learning_rate", "lr") or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+        elif isinstance(value, (tf.Tensor, tf.Variable)) and value.shape.rank == 0:
+            if value.dtype.is_floating or value.dtype.is_integer:
+                out[key] = value
+    return out
+
+
 class KFAC:
     """Natural-gradient preconditioner for a Keras model.
 

@@ -97,3 +97,35 @@ def test_non_finite_statistic_warns_with_layer_and_step() -> None:
     engine.step(feed(engine, rng, poison=False))
     with pytest.warns(CurvatureWarning, match="layer 'bad' uses its plain gradient at step 1: non-finite statistic bad/A"):
         engine.step(feed(engine, rng, poison=True))
+
+
+@pytest.mark.filterwarnings("ignore::hvd_ngd.preconditioner.CurvatureWarning")
+@pytest.mark.parametrize("strategy", ["spngd", "mem-opt"])
+def test_escalation_on_the_preconditioning_rank_reaches_every_rank_and_checkpoints(strategy: str) -> None:
+    """Only the rank that preconditions a layer sees its decomposition fail and escalates its
+    damping; the next step's consistency allgather shares it (no RankMismatchError), and a
+    checkpoint taken in between keeps the escalation and the forced inverses."""
+
+    def body(comm):
+        engine = Preconditioner(SPECS, KFACConfig(strategy=strategy, damping=0.01, kl_clip=None), OPS, comm)
+        rng = np.random.default_rng(comm.rank)
+        for step in range(3):
+            grads = feed(engine, rng, poison=False)
+            if strategy != "spngd":
+                grads = {k: comm.allreduce(v, name=f"g{k}") for k, v in grads.items()}
+            engine.step(grads)
+            if step == 0:
+                decider = engine.layer_owner("bad") == comm.rank
+                if decider:  # what a failed decomposition on that rank does
+                    engine.checked(["bad"], {"bad": np.full((2, 3), np.nan)}, {"bad": np.zeros((2, 3))})
+                local = dict(engine.layer_damping)
+                state = engine.state_dict()
+        return decider, local, state, dict(engine.layer_damping)
+
+    results = ThreadedWorld(2).run(body)
+    assert sorted(decider for decider, *_ in results) == [False, True]
+    for decider, local, state, final in results:
+        assert local["bad"] == pytest.approx(0.1 if decider else 0.01)  # escalated where it failed
+        assert state["layer_damping"] == {"good": 0.01, "bad": pytest.approx(0.1)}
+        assert {"bad/A", "bad/G"} <= set(state["force_inverse"])
+        assert final == {"good": 0.01, "bad": pytest.approx(0.1)}  # shared at the next step's check

@@ -14,7 +14,8 @@ optimizers) receive the tape ``model.fit``'s ``train_step`` recorded and return
 ``tf.py_function`` inside the compiled train step (``jit_compile=True`` is not supported). The
 optimizer's current learning rate (a variable, a schedule's value at the current iteration, or a
 legacy optimizer's decayed rate) is passed to every step for KL clipping, so
-``LearningRateScheduler`` callbacks and schedules need nothing more. hvd_ngd averages gradients
+``LearningRateScheduler`` callbacks and schedules need nothing more; it and the optimizer's
+other numeric settings (``momentum``, ...) enter the per-step rank-consistency check. hvd_ngd averages gradients
 itself (every strategy), so do not also wrap the optimizer with Horovod's. Use tf-keras
 (``TF_USE_LEGACY_KERAS=1``).
 """
@@ -26,7 +27,7 @@ from typing import Any, List, Optional, Tuple
 import tensorflow as tf
 
 from hvd_ngd.communicator import Communicator
-from hvd_ngd.tensorflow.preconditioner import KFAC
+from hvd_ngd.tensorflow.preconditioner import KFAC, optimizer_hyperparameters
 
 keras = tf.keras
 
@@ -55,7 +56,9 @@ def _compute_gradients(self: Any, loss: Any, var_list: Any, tape: Any = None) ->
             if callable(var_list):
                 var_list = var_list()
     variables = list(var_list() if callable(var_list) else var_list)
-    grads = self.kfac.gradient(tape, loss, variables, lr=current_learning_rate(self))
+    grads = self.kfac.gradient(
+        tape, loss, variables, lr=current_learning_rate(self), hyperparameters=optimizer_hyperparameters(self)
+    )
     return list(zip(grads, variables))
 
 
@@ -64,7 +67,9 @@ def _get_gradients(self: Any, tape: Any, loss: Any, var_list: Any, grad_loss: An
     if grad_loss is not None:
         raise NotImplementedError("hvd_ngd's Keras optimizer does not support grad_loss")
     variables = list(var_list)
-    grads = self.kfac.gradient(tape, loss, variables, lr=current_learning_rate(self))
+    grads = self.kfac.gradient(
+        tape, loss, variables, lr=current_learning_rate(self), hyperparameters=optimizer_hyperparameters(self)
+    )
     return list(zip(grads, variables))
 
 
