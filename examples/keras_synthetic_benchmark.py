@@ -86,7 +86,9 @@ def bench_one(variant: str, strategy: str, args: argparse.Namespace) -> Dict[str
     if variant == "sgd":
         opt = hvd_keras.DistributedOptimizer(sgd)
     else:
-        opt = DistributedOptimizer(sgd, model, strategy=strategy, damping=1e-3, lr=0.01, **VARIANTS[variant])
+        opt = DistributedOptimizer(sgd, model, strategy=strategy, damping=1e-3, lr=0.01,
+                                   assignment_cost=args.assignment_cost if strategy == "spngd" else "compute",
+                                   **VARIANTS[variant])
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     hvd.broadcast_variables(model.variables, root_rank=0)
     rng = np.random.default_rng(hvd.rank())
@@ -124,6 +126,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--strategies", default="spngd,comm-opt,mem-opt")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--assignment-cost", default="communication", choices=["compute", "memory", "communication"],
+                        help="cost model of spngd's owner plan (KAISA strategies use compute)")
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads per rank")
     parser.add_argument("--out", default="")
     args = parser.parse_args()

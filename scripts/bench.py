@@ -43,13 +43,16 @@ def plans() -> list:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| framework | ranks | strategy | variant | img/s | time / SGD | bytes / SGD | statistics skipped |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| framework | ranks | strategy | variant | img/s | time / SGD | bytes / SGD | statistics skipped | "
+             "bytes saved vs every-step |", "|---|---|---|---|---|---|---|---|---|"]
     for run in results["synthetic"]:
+        every = {r["strategy"]: r["bytes_per_step"] for r in run["rows"] if r["variant"] == "every-step"}
         for r in run["rows"]:
             b = "-" if r["bytes_vs_sgd"] is None else f"{r['bytes_vs_sgd']:.2f}"
+            base = every.get(r["strategy"])
+            saved = f"{1 - r['bytes_per_step'] / base:.2f}" if base and r["variant"] != "sgd" else "-"
             lines.append(f"| {run.get('framework', 'pytorch')} | {run['ranks']} | {r['strategy']} | {r['variant']} | "
-                         f"{r['images_per_sec']:.1f} | {r['time_vs_sgd']:.2f} | {b} | {r['skipped_fraction']:.2f} |")
+                         f"{r['images_per_sec']:.1f} | {r['time_vs_sgd']:.2f} | {b} | {r['skipped_fraction']:.2f} | {saved} |")
     lines += ["", "| ResNet-50 plan: ranks | cost model | max/mean load |", "|---|---|---|"]
     for p in results["plans"]:
         lines.append(f"| {p['ranks']} | {p['cost']} | {p['max_mean_load']:.2f} |")

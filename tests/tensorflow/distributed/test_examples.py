@@ -39,7 +39,7 @@ def test_keras_digits_runs_summarises_and_plots(tmp_path: Path) -> None:
 
 def test_keras_synthetic_benchmark_measures_sgd_and_kfac() -> None:
     bench = load("keras_synthetic_benchmark")
-    args = argparse.Namespace(model="small", batch_size=4, warmup=1, iters=2)
+    args = argparse.Namespace(model="small", batch_size=4, warmup=1, iters=2, assignment_cost="communication")
     sgd = bench.bench_one("sgd", "-", args)
     kfac = bench.bench_one("every-step", "spngd", args)
     assert sgd["images_per_sec"] > 0 and kfac["images_per_sec"] > 0
