@@ -27,11 +27,7 @@ N, STEPS = 8, 5
 IN, HIDDEN, CLASSES = 4, 6, 3
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    keras.backend.set_floatx("float64")
-    yield
-    keras.backend.set_floatx("float32")
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_model() -> keras.Model:

@@ -20,11 +20,7 @@ DAMPING = 0.05
 N = 5
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    keras.backend.set_floatx("float64")
-    yield
-    keras.backend.set_floatx("float32")
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def dense_solve(a, g, grad):

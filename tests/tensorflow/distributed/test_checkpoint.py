@@ -24,11 +24,7 @@ CONFIGS = [dict(strategy="spngd", damping=0.01, factor_update_interval=2, inv_up
 IDS = ["spngd", "comm-opt-stale", "mem-opt-adaptive-cholesky"]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    keras.backend.set_floatx("float64")
-    yield
-    keras.backend.set_floatx("float32")
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_model() -> keras.Model:

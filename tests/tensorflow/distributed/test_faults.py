@@ -21,11 +21,7 @@ keras = tf.keras
 LOCAL, IN, HIDDEN = 4, 4, 6
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    keras.backend.set_floatx("float64")
-    yield
-    keras.backend.set_floatx("float32")
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_model(width: int = 3, names=("fc1", "ln", "fc2")) -> keras.Model:

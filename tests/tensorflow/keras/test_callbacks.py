@@ -21,9 +21,10 @@ from hvd_ngd.tensorflow.keras.callbacks import (  # noqa: E402
     KFACScheduleCallback,
     load_kfac_state,
 )
-from tests.tensorflow.keras.test_optimizer import N, data, float64, make_model  # noqa: E402,F401  (fixture)
+from tests.tensorflow.keras.test_optimizer import N, data, make_model  # noqa: E402
 
 keras = tf.keras
+pytestmark = pytest.mark.usefixtures("float64")
 CFG = dict(damping=0.05, kl_clip=1e-2, strategy="comm-opt", factor_update_interval=2, inv_update_interval=3)
 
 

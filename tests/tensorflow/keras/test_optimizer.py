@@ -22,11 +22,7 @@ N = 5
 CFG = dict(damping=0.05, kl_clip=1e-2, strategy="comm-opt")
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    keras.backend.set_floatx("float64")
-    yield
-    keras.backend.set_floatx("float32")
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_model():
