@@ -1,7 +1,7 @@
 """``hvd_ngd.communicator.Communicator`` implemented with ``horovod.tensorflow`` collectives.
 
 Mirrors ``hvd_ngd.torch.communicator.HorovodCommunicator``; process sets and byte accounting
-come from ``hvd_ngd.horovod_communicator.HorovodCommunicatorBase``. The preconditioner calls
+come from ``hvd_ngd.horovod.communicator.HorovodCommunicatorBase``. The preconditioner calls
 these eagerly (inside ``tf.py_function`` when the training step is traced), with explicit names.
 """
 
@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-from hvd_ngd.horovod_communicator import HorovodCommunicatorBase
+from hvd_ngd.horovod.communicator import HorovodCommunicatorBase
 
 
 class HorovodCommunicator(HorovodCommunicatorBase):

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import horovod.torch as hvd
 import torch
 
-from hvd_ngd.horovod_communicator import HorovodCommunicatorBase
+from hvd_ngd.horovod.communicator import HorovodCommunicatorBase
 
 
 class HorovodCommunicator(HorovodCommunicatorBase):

@@ -1,5 +1,6 @@
-"""The core imports no framework: every hvd_ngd module outside the adapters imports in a
-process where importing torch, tensorflow, horovod or keras raises."""
+"""The core imports no framework: every hvd_ngd module outside the adapters (torch/,
+tensorflow/, and horovod/ which both share) imports in a process where importing torch,
+tensorflow, horovod or keras raises."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ SCRIPT = textwrap.dedent(
     import hvd_ngd
     names = []
     for info in pkgutil.walk_packages(hvd_ngd.__path__, "hvd_ngd."):
-        if info.name.startswith(("hvd_ngd.torch", "hvd_ngd.tensorflow")):
+        if info.name.startswith(("hvd_ngd.torch", "hvd_ngd.tensorflow", "hvd_ngd.horovod")):
             continue
         importlib.import_module(info.name)
         names.append(info.name)

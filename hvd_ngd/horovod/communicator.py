@@ -1,13 +1,15 @@
 """What both adapters' Horovod communicators share: ranks, process sets and byte accounting.
 
 The framework module (``horovod.torch`` or ``horovod.tensorflow``) is injected, so this file
-imports neither torch nor tensorflow; ``hvd_ngd.torch.communicator`` and
-``hvd_ngd.tensorflow.communicator`` add the tensor collectives.
+imports neither torch nor tensorflow (only ``horovod.common``); ``hvd_ngd.torch.communicator``
+and ``hvd_ngd.tensorflow.communicator`` add the tensor collectives.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from horovod.common import process_sets as _process_sets
 
 
 class HorovodCommunicatorBase:
@@ -104,13 +106,11 @@ def known_process_sets() -> List[Any]:
     """Process sets Horovod already has (from ``hvd.init(process_sets=...)`` or an earlier
     preconditioner: Horovod refuses to add a set twice), best effort via Horovod internals."""
     try:
-        from horovod.common import process_sets as ps_module
-
         out = []
-        for set_id, ranks in ps_module._basics._get_process_set_ids_and_ranks().items():
+        for set_id, ranks in _process_sets._basics._get_process_set_ids_and_ranks().items():
             if set_id == 0:
                 continue
-            ps = ps_module._temp_process_set_object(set_id)
+            ps = _process_sets._temp_process_set_object(set_id)
             ps.ranks = sorted(ranks)
             out.append(ps)
         return out
