@@ -95,6 +95,13 @@ class Preconditioner:
         self.inflight: Dict[str, object] = {}
         self._checked_step = -1  # the step whose hyperparameters were last compared
 
+    def register_groups(self) -> None:
+        """Have the communicator create this plan's process sets (KAISA worker and receiver
+        groups), when it manages any (``register_groups``); a collective on Horovod."""
+        register = getattr(self.comm, "register_groups", None)
+        if register is not None:
+            register(list(self.worker_groups) + list(self.receiver_groups))
+
     # ------------------------------------------------------------------ schedule / capture
     def due_statistics(self) -> List[str]:
         """Statistics to compute and communicate at the current step (cached per step)."""

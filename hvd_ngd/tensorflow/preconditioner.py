@@ -25,9 +25,7 @@ Python control flow on the step count works inside ``model.fit``'s compiled ``tr
 
 from __future__ import annotations
 
-import re
 import sys
-import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf
@@ -38,6 +36,7 @@ from hvd_ngd.config import KFACConfig
 from hvd_ngd.consistency import check_consistent
 from hvd_ngd.enums import LossReduction, Strategy
 from hvd_ngd.preconditioner import Preconditioner
+from hvd_ngd.registration import register_layers
 from hvd_ngd.tensorflow.layers import KerasLayer, NormLayer, Record, make_layer
 from hvd_ngd.tensorflow.ops import TFOps
 
@@ -120,31 +119,19 @@ class KFAC:
         self.comm = communicator
         self.ops = TFOps()
         self.reduce_gradients = reduce_gradients
-        patterns = [re.compile(p) for p in self.config.skip_layers]
-        self.layers: List[KerasLayer] = []
-        self.skipped: Dict[str, str] = {}
-        for name, layer in walk_layers(model):
-            if any(p.search(name) or p.search(type(layer).__name__) for p in patterns):
-                self.skipped[name] = "matched skip_layers"
-                continue
-            registered, reason = make_layer(name, layer)
-            if registered is None:
-                if reason:
-                    self.skipped[name] = reason
-                    warnings.warn(f"hvd_ngd: not preconditioning {name!r} ({type(layer).__name__}): {reason}")
-                continue
-            self.layers.append(registered)
-        if not self.layers:
-            raise ValueError(
-                "hvd_ngd.tensorflow.KFAC found no supported layer (Dense, Conv2D, Embedding, "
-                f"BatchNormalization, LayerNormalization) in {model.name!r}; skipped: {self.skipped}"
-            )
+        self.layers: List[KerasLayer]
+        self.layers, self.skipped = register_layers(
+            walk_layers(model),
+            make_layer,
+            self.config.skip_layers,
+            adapter="hvd_ngd.tensorflow",
+            supported="Dense, Conv2D, Embedding, BatchNormalization, LayerNormalization",
+            model_name=repr(model.name),
+        )
         specs = [layer.spec for layer in self.layers]
         check_consistent(self.comm, specs, self.config)
         self.engine = Preconditioner(specs, self.config, self.ops, self.comm)
-        register = getattr(self.comm, "register_groups", None)
-        if register is not None:
-            register(list(self.engine.worker_groups) + list(self.engine.receiver_groups))
+        self.engine.register_groups()
         for layer in self.layers:
             layer.wrap()
 

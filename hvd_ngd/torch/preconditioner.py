@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
-import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -16,6 +14,7 @@ from hvd_ngd.communicator import Communicator
 from hvd_ngd.config import KFACConfig
 from hvd_ngd.consistency import check_consistent
 from hvd_ngd.enums import LossReduction, Strategy
+from hvd_ngd.registration import register_layers
 from hvd_ngd.preconditioner import Preconditioner
 from hvd_ngd.torch.layers import TorchLayer, make_layer
 from hvd_ngd.torch.ops import TorchOps
@@ -96,26 +95,15 @@ class KFAC:
             communicator = HorovodCommunicator()
         self.comm = communicator
         self.ops = TorchOps()
-        self.layers: List[TorchLayer] = []
-        self.skipped: Dict[str, str] = {}
-        patterns = [re.compile(p) for p in self.config.skip_layers]
-        for name, module in model.named_modules():
-            name = name or "root"
-            layer, reason = make_layer(name, module)
-            if layer is None:
-                if reason is not None:
-                    self.skipped[name] = reason
-                    warnings.warn(f"hvd_ngd: not preconditioning {name!r} ({type(module).__name__}): {reason}")
-                continue
-            if any(p.search(name) or p.search(type(module).__name__) for p in patterns):
-                self.skipped[name] = "matched skip_layers"
-                continue
-            self.layers.append(layer)
-        if not self.layers:
-            raise ValueError(
-                "hvd_ngd.torch.KFAC found no supported layer (Linear, Conv2d, BatchNorm1d/2d, LayerNorm, "
-                f"Embedding) in {type(model).__name__}; skipped: {self.skipped}"
-            )
+        self.layers: List[TorchLayer]
+        self.layers, self.skipped = register_layers(
+            ((name or "root", module) for name, module in model.named_modules()),
+            make_layer,
+            self.config.skip_layers,
+            adapter="hvd_ngd.torch",
+            supported="Linear, Conv2d, BatchNorm1d/2d, LayerNorm, Embedding",
+            model_name=type(model).__name__,
+        )
         # Under ``horovodrun`` elastic nothing may communicate before ``hvd.elastic.run``: a worker
         # that joins a running job builds its model while the others synchronise state. The
         # collective part of the setup then runs at the state's sync (or the first step).
@@ -124,7 +112,7 @@ class KFAC:
             check_consistent(self.comm, [layer.spec for layer in self.layers], self.config)
         self.rebuild()
         if not deferred:
-            self._register_groups()
+            self.engine.register_groups()
             self._connected = True
         covered = {id(p) for layer in self.layers for p in layer.params()}
         self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
@@ -162,13 +150,8 @@ class KFAC:
         if self._connected:
             return
         check_consistent(self.comm, [layer.spec for layer in self.layers], self.config)
-        self._register_groups()
+        self.engine.register_groups()
         self._connected = True
-
-    def _register_groups(self) -> None:
-        register = getattr(self.comm, "register_groups", None)
-        if register is not None:
-            register(list(self.engine.worker_groups) + list(self.engine.receiver_groups))
 
     def abandon_step(self) -> None:
         """Drop the statistics captured since the last ``step()`` (e.g. a step interrupted by an
