@@ -368,6 +368,22 @@ class Preconditioner:
                     stat_name(s.name, k) for s in self.specs.values() if not s.kind.is_unitwise for k in ("A", "G")
                 )
 
+    def scheduled_hyperparameters(self) -> Dict[str, Any]:
+        """Current values of the ``SCHEDULABLE`` fields (intervals given as callables of the step
+        are left out: every rank builds them alike). Saved by ``state_dict``."""
+        values: Dict[str, Any] = {}
+        for name in self.SCHEDULABLE:
+            value = getattr(self.config, name)
+            if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                values[name] = value
+        return values
+
+    def load_hyperparameters(self, values: Mapping[str, Any]) -> None:
+        """Set ``scheduled_hyperparameters`` output as it was saved (no per-layer rescaling:
+        per-layer damping is restored with the rest of the state)."""
+        for name, value in values.items():
+            setattr(self.config, name, value)
+
     def discard_step(self) -> None:
         """Drop what was captured or started for the current step (statistics accumulated, factor
         allreduces in flight): the step will not be taken, e.g. after an elastic reset. Local."""
@@ -491,6 +507,7 @@ class Preconditioner:
 
         A collective: every rank must call it. Factors and inverses held by other ranks (SP-NGD
         owners, KAISA worker groups) are gathered, so the result can be loaded on any world size.
+        Scheduled hyperparameters (``scheduled_hyperparameters``) travel with it.
         Inverses still in flight (``stale_inverse``) are completed and saved as pending.
         """
         for key, (handles, diagonal, remote) in list(self.pending.items()):
@@ -513,6 +530,7 @@ class Preconditioner:
         return {
             "steps": self.steps,
             "method": self.config.inverse_method.value,
+            "hyperparameters": self.scheduled_hyperparameters(),
             "layer_damping": layer_damping,
             "force_inverse": force_inverse,
             "tracker": self.tracker.state_dict(),
@@ -545,6 +563,7 @@ class Preconditioner:
         unknown = sorted(set(state["factors"]) - set(self.stat_names))
         if unknown:
             raise ValueError(f"checkpoint holds statistics of layers this model does not register: {unknown}")
+        self.load_hyperparameters(state.get("hyperparameters", {}))
         self.steps = int(state["steps"])
         self._checked_step = -1
         self.layer_damping = {k: float(v) for k, v in state["layer_damping"].items()}

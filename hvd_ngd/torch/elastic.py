@@ -57,12 +57,7 @@ import horovod.torch as hvd
 import torch
 from horovod.torch.elastic.state import StateHandler, TorchState, get_handler_registry, set_handler_registry
 
-from hvd_ngd.preconditioner import Preconditioner
 from hvd_ngd.torch.preconditioner import KFAC
-
-#: Config fields that change during training (schedules; the adapters keep ``lr`` in sync with the
-#: optimizer). They travel with the committed state so that a joining worker agrees with the others.
-RUNTIME_FIELDS = Preconditioner.SCHEDULABLE
 
 _STATE_NAME = "hvd_ngd.elastic.kfac_state"
 
@@ -74,7 +69,8 @@ class KFACStateHandler(StateHandler):
         kfac: the preconditioner (``optimizer.kfac`` of ``hvd_ngd.torch.DistributedOptimizer``).
 
     Attributes:
-        committed: the last committed state (``{"kfac": kfac.state_dict(), "runtime": {...}}``),
+        committed: the last committed state (``{"kfac": kfac.state_dict()}``, which carries the
+            scheduled hyperparameters too, so a joining worker agrees with the others),
             the same on every rank; None before the first commit or sync.
     """
 
@@ -98,19 +94,11 @@ class KFACStateHandler(StateHandler):
         super().set_value(value)
 
     def _snapshot(self) -> Dict[str, Any]:
-        """The preconditioner's complete state (a collective) and its schedulable config values."""
-        config = self.kfac.config
-        runtime = {}
-        for name in RUNTIME_FIELDS:
-            value = getattr(config, name)
-            if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-                runtime[name] = value  # callables (interval schedules) are built alike on every rank
-        return {"kfac": self.kfac.state_dict(), "runtime": runtime}
+        """The preconditioner's complete state, scheduled hyperparameters included (a collective)."""
+        return {"kfac": self.kfac.state_dict()}
 
     def _load(self, state: Dict[str, Any], rebuild: bool) -> None:
         """Load ``state`` (local), on a new engine for the current world when ``rebuild``."""
-        for name, value in state["runtime"].items():
-            setattr(self.kfac.config, name, value)
         if rebuild:
             self.kfac.rebuild()
         else:
@@ -159,8 +147,8 @@ class KFACStateHandler(StateHandler):
         comm = self.kfac.comm
         committed = _broadcast(comm, self.committed)
         if committed is not None:
-            for name, value in committed["runtime"].items():
-                setattr(self.kfac.config, name, value)  # before the consistency check
+            # before the consistency check, which compares them
+            self.kfac.engine.load_hyperparameters(committed["kfac"]["engine"]["hyperparameters"])
         if not self.kfac.is_current():
             self.kfac.rebuild()
         self.kfac.connect()
@@ -247,4 +235,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["KFACState", "KFACStateHandler", "RUNTIME_FIELDS"]
+__all__ = ["KFACState", "KFACStateHandler"]

@@ -100,3 +100,14 @@ def test_invalid_or_unschedulable_values_are_named(change: dict, named: str) -> 
     with pytest.raises(ValueError, match=named):
         engine.set_hyperparameters(**change)
     assert engine.hyperparameters() == before
+
+
+def test_scheduled_values_travel_with_the_state_dict() -> None:
+    engine = Preconditioner(SPECS, KFACConfig(damping=0.01), OPS, SingleProcessCommunicator())
+    engine.set_hyperparameters(lr=0.3, damping=0.05, kl_clip=None, inv_update_interval=7)
+    state = engine.state_dict()
+    assert state["hyperparameters"]["damping"] == 0.05 and state["hyperparameters"]["kl_clip"] is None
+    resumed = Preconditioner(SPECS, KFACConfig(damping=0.01), OPS, SingleProcessCommunicator())
+    resumed.load_state_dict(state, like=None)
+    assert resumed.hyperparameters() == engine.hyperparameters()
+    assert resumed.layer_damping == engine.layer_damping

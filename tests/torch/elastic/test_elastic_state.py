@@ -174,7 +174,7 @@ def test_sync_checks_registers_and_shares_rank0_state() -> None:
     model, opt, kfac = setup(comm, strategy="hybrid", grad_worker_fraction=0.5)
     handler = KFACStateHandler(kfac)
     handler.sync()
-    handler.committed["runtime"]["lr"] = 0.05  # as if rank 0 followed a learning-rate schedule
+    handler.committed["kfac"]["engine"]["hyperparameters"]["lr"] = 0.05  # as if rank 0 followed a learning-rate schedule
     comm.size, comm.rank = 4, 2
     comm.objects.clear()
     handler.reset()
