@@ -48,7 +48,7 @@ from hvd_ngd.tensorflow.keras import DistributedOptimizer  # noqa: E402
 from hvd_ngd.tensorflow.keras.callbacks import MetricAverageCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reporting import TARGET, plot_digits  # noqa: E402
+from common import TARGET, plot_digits  # noqa: E402
 
 keras = tf.keras
 LEARNING_RATES = {"sgd": 0.2, "kfac": 0.1, "adam": 1e-2}

@@ -20,7 +20,6 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tf-keras (Keras 2): Horovod
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,17 +33,11 @@ import tensorflow as tf  # noqa: E402
 from hvd_ngd.tensorflow.keras import DistributedOptimizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reporting import add_ratios, format_table  # noqa: E402
+from common import VARIANTS, benchmark_parser, report  # noqa: E402
 
 keras = tf.keras
 L = keras.layers
 
-VARIANTS: Dict[str, Dict[str, Any]] = {
-    "every-step": dict(),
-    "fixed-10/100": dict(factor_update_interval=10, inv_update_interval=100),
-    "fixed-10/100-fp16": dict(factor_update_interval=10, inv_update_interval=100, wire_dtype="float16"),
-    "adaptive": dict(interval_policy="adaptive"),
-}
 
 
 def bottleneck(x: Any, planes: int, stride: int) -> Any:
@@ -119,17 +112,8 @@ def bench_one(variant: str, strategy: str, args: argparse.Namespace) -> Dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small", choices=["small", "resnet50"])
-    parser.add_argument("--batch-size", type=int, default=16, help="per rank")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--strategies", default="spngd,comm-opt,mem-opt")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--assignment-cost", default="communication", choices=["compute", "memory", "communication"],
-                        help="cost model of spngd's owner plan (KAISA strategies use compute)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads per rank")
-    parser.add_argument("--out", default="")
     args = parser.parse_args()
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -138,14 +122,8 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         for variant in args.variants.split(","):
             rows.append(bench_one(variant, strategy, args))
-    add_ratios(rows)
     if hvd.rank() == 0:
-        print(format_table(rows, f"keras model {args.model}, {hvd.size()} ranks, batch {args.batch_size}/rank, CPU"))
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"framework": "keras", "model": args.model, "ranks": hvd.size(),
-                                                  "device": "CPU", "batch_per_rank": args.batch_size, "rows": rows},
-                                                 indent=2))
+        report(rows, args, "keras", hvd.size(), "CPU")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import hvd_ngd.torch as ngd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reporting import TARGET, plot_digits  # noqa: E402
+from common import TARGET, plot_digits  # noqa: E402
 
 LEARNING_RATES = {"sgd": 0.1, "kfac": 0.2, "adam": 3e-3}
 KFAC_CONFIG = dict(damping=3e-3, kl_clip=1e-2, factor_decay=0.95, strategy="spngd")

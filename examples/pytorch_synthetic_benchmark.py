@@ -13,8 +13,6 @@ computations skipped.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from torch import nn
 import hvd_ngd.torch as ngd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reporting import add_ratios, format_table  # noqa: E402
+from common import VARIANTS, benchmark_parser, report  # noqa: E402
 
 
 class Bottleneck(nn.Module):
@@ -74,12 +72,6 @@ def build(name: str) -> tuple:
     return resnet([1, 1], width=16, classes=10, small_input=True), (3, 32, 32), 10
 
 
-VARIANTS = {
-    "every-step": dict(),
-    "fixed-10/100": dict(factor_update_interval=10, inv_update_interval=100),
-    "fixed-10/100-fp16": dict(factor_update_interval=10, inv_update_interval=100, wire_dtype="float16"),
-    "adaptive": dict(interval_policy="adaptive"),
-}
 
 
 def bench_one(model_name: str, variant: str, strategy: str, args, device) -> Dict:
@@ -134,17 +126,8 @@ def bench_one(model_name: str, variant: str, strategy: str, args, device) -> Dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small", choices=["small", "resnet50"])
-    parser.add_argument("--batch-size", type=int, default=16, help="per rank")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--strategies", default="spngd,comm-opt,mem-opt")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--assignment-cost", default="communication", choices=["compute", "memory", "communication"],
-                        help="cost model of spngd's owner plan (KAISA strategies use compute)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--cuda", action="store_true")
-    parser.add_argument("--out", default="")
     args = parser.parse_args()
     hvd.init()
     torch.set_num_threads(1)
@@ -153,14 +136,8 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         for variant in args.variants.split(","):
             rows.append(bench_one(args.model, variant, strategy, args, device))
-    add_ratios(rows)
     if hvd.rank() == 0:
-        dev = torch.cuda.get_device_name(device) if args.cuda else "CPU"
-        print(format_table(rows, f"model {args.model}, {hvd.size()} ranks, batch {args.batch_size}/rank, {dev}"))
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"framework": "pytorch", "model": args.model, "ranks": hvd.size(), "device": dev,
-                                                  "batch_per_rank": args.batch_size, "rows": rows}, indent=2))
+        report(rows, args, "pytorch", hvd.size(), torch.cuda.get_device_name(device) if args.cuda else "CPU")
 
 
 if __name__ == "__main__":

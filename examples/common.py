@@ -1,4 +1,5 @@
-"""What the examples share: the digits plot and the benchmark table (no framework import).
+"""What the examples share: the digits plot, and the synthetic benchmarks' variants, command
+line and table (no framework import).
 
 The examples add their own folder to ``sys.path`` and import this module, so it works when they
 run as scripts (``horovodrun ... python examples/...``) and when tests load them by path.
@@ -6,10 +7,20 @@ run as scripts (``horovodrun ... python examples/...``) and when tests load them
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any, Dict, List
 
 TARGET = 0.97  # test accuracy the digits examples race to
+
+#: K-FAC variants of the synthetic benchmarks (config overrides), measured against SGD.
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "every-step": dict(),
+    "fixed-10/100": dict(factor_update_interval=10, inv_update_interval=100),
+    "fixed-10/100-fp16": dict(factor_update_interval=10, inv_update_interval=100, wire_dtype="float16"),
+    "adaptive": dict(interval_policy="adaptive"),
+}
 
 
 def plot_digits(results: Dict[str, Dict[str, Any]], path: Path, title: str) -> None:
@@ -69,3 +80,29 @@ def format_table(rows: List[Dict[str, Any]], header: str) -> str:
         lines.append(f"{r['strategy']:<10} {r['variant']:<18} {r['images_per_sec']:>8.1f} {1000 * r['seconds_per_step']:>8.1f} "
                      f"{r['time_vs_sgd']:>9.2f} {b:>10} {r['skipped_fraction']:>8.2f}")
     return "\n".join(lines)
+
+
+def benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """The synthetic benchmarks' common command line (each adds its framework's options)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small", choices=["small", "resnet50"])
+    parser.add_argument("--batch-size", type=int, default=16, help="per rank")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--strategies", default="spngd,comm-opt,mem-opt")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--assignment-cost", default="communication", choices=["compute", "memory", "communication"],
+                        help="cost model of spngd's owner plan (KAISA strategies use compute)")
+    parser.add_argument("--out", default="")
+    return parser
+
+
+def report(rows: List[Dict[str, Any]], args: argparse.Namespace, framework: str, ranks: int, device: str) -> None:
+    """Add the ratios to ``rows`` (rows[0] is SGD), print the table and write ``args.out`` (JSON)
+    when given; call it on one rank."""
+    add_ratios(rows)
+    print(format_table(rows, f"{framework} model {args.model}, {ranks} ranks, batch {args.batch_size}/rank, {device}"))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"framework": framework, "model": args.model, "ranks": ranks, "device": device,
+                                              "batch_per_rank": args.batch_size, "rows": rows}, indent=2))
