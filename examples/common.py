@@ -82,6 +82,19 @@ def format_table(rows: List[Dict[str, Any]], header: str) -> str:
     return "\n".join(lines)
 
 
+def benchmark_row(variant: str, strategy: str, elapsed: float, iters: int, images_per_step: int, bytes_per_step: float,
+                  skipped_fraction: float) -> Dict[str, Any]:
+    """One measured variant: time per step, throughput, bytes per rank per step, statistics skipped."""
+    return {
+        "variant": variant,
+        "strategy": strategy,
+        "seconds_per_step": elapsed / iters,
+        "images_per_sec": images_per_step * iters / elapsed,
+        "bytes_per_step": bytes_per_step,
+        "skipped_fraction": skipped_fraction,
+    }
+
+
 def benchmark_parser(description: str) -> argparse.ArgumentParser:
     """The synthetic benchmarks' common command line (each adds its framework's options)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -33,7 +33,7 @@ import tensorflow as tf  # noqa: E402
 from hvd_ngd.tensorflow.keras import DistributedOptimizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import VARIANTS, benchmark_parser, report  # noqa: E402
+from common import VARIANTS, benchmark_parser, benchmark_row, report  # noqa: E402
 
 keras = tf.keras
 L = keras.layers
@@ -101,14 +101,8 @@ def bench_one(variant: str, strategy: str, args: argparse.Namespace) -> Dict[str
         sent, skipped = 2.0 * (n - 1) / n * param_bytes, 0.0
     else:  # the Keras optimizer reduces every gradient itself: all bytes are counted
         sent, skipped = (kfac.comm.bytes_sent - bytes_before) / args.iters, kfac.engine.tracker.counts.skipped_fraction
-    return {
-        "variant": variant,
-        "strategy": strategy if kfac is not None else "-",
-        "seconds_per_step": elapsed / args.iters,
-        "images_per_sec": args.batch_size * n * args.iters / elapsed,
-        "bytes_per_step": sent,
-        "skipped_fraction": skipped,
-    }
+    return benchmark_row(variant, strategy if kfac is not None else "-", elapsed, args.iters, args.batch_size * n,
+                         sent, skipped)
 
 
 def main() -> None:

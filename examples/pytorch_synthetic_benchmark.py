@@ -25,7 +25,7 @@ from torch import nn
 import hvd_ngd.torch as ngd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import VARIANTS, benchmark_parser, report  # noqa: E402
+from common import VARIANTS, benchmark_parser, benchmark_row, report  # noqa: E402
 
 
 class Bottleneck(nn.Module):
@@ -115,14 +115,8 @@ def bench_one(model_name: str, variant: str, strategy: str, args, device) -> Dic
         if strategy != "spngd":  # KAISA: hvd.DistributedOptimizer allreduces the gradients
             sent += 2.0 * (n - 1) / n * param_bytes
         skipped = opt.kfac.engine.tracker.counts.skipped_fraction
-    return {
-        "variant": variant,
-        "strategy": strategy if variant != "sgd" else "-",
-        "seconds_per_step": elapsed / args.iters,
-        "images_per_sec": args.batch_size * n * args.iters / elapsed,
-        "bytes_per_step": sent,
-        "skipped_fraction": skipped,
-    }
+    return benchmark_row(variant, strategy if variant != "sgd" else "-", elapsed, args.iters, args.batch_size * n,
+                         sent, skipped)
 
 
 def main() -> None:
