@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One-time, idempotent environment setup for hvd_ngd.
 #
-# Creates .venv/ with pinned torch (CPU), tensorflow-cpu 2.17 + tf-keras, and a horovod 0.28.1
-# wheel built from the PyPI sdist with the C++17 fix, PyTorch + TensorFlow + Gloo + MPI enabled.
+# Creates .venv/ with pinned torch (CPU), tensorflow-cpu 2.21 + Keras 3 (and tf-keras for the legacy
+# stack), and a horovod 0.28.1 wheel built from the PyPI sdist, PyTorch + TensorFlow + Gloo + MPI
+# enabled. Build changes (each needed, see README "Supported versions"): C++17 for torch >= 2.1;
+# Debian libhighwayhash-dev + libfarmhash-dev (TF 2.21's wheel omits those headers);
+# horovod/tensorflow/xla_mpi_ops.cc dropped from TF_SOURCES (XLA headers moved in TF >= 2.19; the
+# XLA ops are only used with HOROVOD_ENABLE_XLA_OPS=1).
 # The built wheel is cached outside the repository, keyed by (horovod, torch, tensorflow, python)
 # versions, so a second run takes seconds.
 set -euo pipefail
@@ -12,21 +16,22 @@ VENV="${HVD_NGD_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 HOROVOD_VERSION="0.28.1"
 TORCH_VERSION="2.13.0"
-TF_VERSION="2.17.1"
-TF_KERAS_VERSION="2.17.0"
-NUMPY_VERSION="1.26.4"
 CACHE_ROOT="${HVD_NGD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd_ngd}"
 
 log() { printf '[setup] %s\n' "$*"; }
 
-# 1. Open MPI (Debian). Skip when present; never require root when it is already there.
-if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; then
+# 1. Debian packages: Open MPI, and the highwayhash/farmhash headers that TF 2.21's wheel omits.
+#    Skip when present; never require root when they are already there.
+DEB_PKGS="libopenmpi-dev openmpi-bin libhighwayhash-dev libfarmhash-dev"
+missing_debs=""
+for p in $DEB_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing_debs="$missing_debs $p"; done
+if [ -n "$missing_debs" ]; then
   if [ "$(id -u)" = "0" ]; then
-    log "installing libopenmpi-dev openmpi-bin"
+    log "installing$missing_debs"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing_debs >/dev/null
   else
-    log "ERROR: Open MPI is missing and this is not root. Run: sudo apt-get install libopenmpi-dev openmpi-bin"
+    log "ERROR: missing Debian packages and this is not root. Run: sudo apt-get install$missing_debs"
     exit 1
   fi
 fi
@@ -64,6 +69,9 @@ if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
   # torch >= 2.1 headers need C++17; the sdist forces C++14.
   sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
   grep -q 'CMAKE_CXX_STANDARD 17' "$SRC/CMakeLists.txt" || { log "ERROR: C++17 patch did not apply"; exit 1; }
+  # TF >= 2.19 moved the XLA headers xla_mpi_ops.cc includes; those ops only serve HOROVOD_ENABLE_XLA_OPS=1.
+  sed -i 's#"[^"]*xla_mpi_ops\.cc"##' "$SRC/horovod/tensorflow/CMakeLists.txt"
+  ! grep -q 'xla_mpi_ops.cc' "$SRC/horovod/tensorflow/CMakeLists.txt" || { log "ERROR: XLA patch did not apply"; exit 1; }
   mkdir -p "$WHEEL_DIR.tmp"
   if ! (cd "$SRC" && HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
         HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo MAKEFLAGS="-j$(nproc)" \
