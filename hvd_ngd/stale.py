@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hvd_ngd.config import KFACConfig, resolve_interval
 from hvd_ngd.enums import IntervalPolicy
@@ -97,8 +97,11 @@ class StalenessTracker:
         ValueError: duplicate statistic names.
     """
 
-    def __init__(self, config: KFACConfig, statistic_names: Sequence[str]) -> None:
+    def __init__(self, config: KFACConfig, statistic_names: Sequence[Any], intervals: Any = None) -> None:
         self.config = config
+        # ``factor_update_interval`` / ``inv_update_interval`` are read from ``intervals`` (the
+        # engine's scheduled hyperparameters) when given, else from ``config``.
+        self._intervals = config if intervals is None else intervals
         self.names: List[str] = list(statistic_names)
         if len(set(self.names)) != len(self.names):
             dupes = sorted({n for n in self.names if self.names.count(n) > 1})
@@ -131,7 +134,7 @@ class StalenessTracker:
         if self.adaptive:
             due = [n for n in self.names if step >= self._next_due[n]]
         else:
-            every = resolve_interval("factor_update_interval", self.config.factor_update_interval, step)
+            every = resolve_interval("factor_update_interval", self._intervals.factor_update_interval, step)
             due = list(self.names) if step % every == 0 else []
         self._step, self._due_now = step, due
         self._counts.refreshed += len(due)
@@ -153,7 +156,7 @@ class StalenessTracker:
         if self.adaptive:
             result = step == self._step and name in self._due_now
         else:
-            every = resolve_interval("inv_update_interval", self.config.inv_update_interval, step)
+            every = resolve_interval("inv_update_interval", self._intervals.inv_update_interval, step)
             result = step % every == 0
         self._inverse_now[name] = result
         if result:
@@ -211,8 +214,8 @@ class StalenessTracker:
     def state_dict(self) -> dict:
         """Plain-Python state: intervals, next due steps (dicts by name) and counts."""
         return {
-            "interval": dict(self._interval),
-            "next_due": dict(self._next_due),
+            "interval": {str(n): v for n, v in self._interval.items()},
+            "next_due": {str(n): v for n, v in self._next_due.items()},
             "counts": dataclasses.asdict(self._counts),
         }
 
@@ -223,13 +226,13 @@ class StalenessTracker:
             ValueError: the state names other statistics than this tracker's.
         """
         for key in ("interval", "next_due"):
-            unknown = set(state[key]) ^ set(self.names)
+            unknown = set(state[key]) ^ {str(n) for n in self.names}
             if unknown:
                 raise ValueError(
                     f"stale-statistics state ({key}) does not match the registered statistics: {sorted(unknown)}"
                 )
-        self._interval = {n: int(state["interval"][n]) for n in self.names}
-        self._next_due = {n: int(state["next_due"][n]) for n in self.names}
+        self._interval = {n: int(state["interval"][str(n)]) for n in self.names}
+        self._next_due = {n: int(state["next_due"][str(n)]) for n in self.names}
         self._counts = StalenessCounts(**{k: int(v) for k, v in state["counts"].items()})
         self._step, self._due_now = None, []
         self._inverse_step, self._inverse_now = None, {}

@@ -65,6 +65,13 @@ class ArrayOps(Protocol):
     def gather2d(self, x: Array, rows: Array, cols: Array) -> Array:
         """``x[rows, cols]`` for index arrays."""
 
+    def index(self, values: Any, like: Array) -> Array:
+        """An integer index tensor from a numpy int64 array, on ``like``'s device (built once
+        and kept: packing plans create their indices at the first step only)."""
+
+    def take(self, x: Array, indices: Array) -> Array:
+        """``x[indices]`` of a 1-D ``x`` (one gather)."""
+
     def scatter_sym(self, values: Array, rows: Array, cols: Array, n: int) -> Array:
         """Symmetric n x n matrix with ``values`` at (rows, cols) and (cols, rows)."""
 

@@ -57,6 +57,12 @@ class NumpyOps:
     def gather2d(self, x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         return x[rows, cols]
 
+    def index(self, values: Any, like: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=np.int64)
+
+    def take(self, x: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return x[indices]
+
     def scatter_sym(self, values: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int) -> np.ndarray:
         out = np.zeros((n, n), dtype=values.dtype)
         out[rows, cols] = values

@@ -1,124 +1,200 @@
 """KAISA strategies (COMM-OPT, MEM-OPT, HYBRID) on already-averaged gradients.
 
-1. Due factors are averaged over all ranks (fused, packed, optionally fp16) and folded.
+1. Due factors are averaged over all ranks (packed, fused, optionally fp16) and folded. Each
+   statistic's allreduce starts asynchronously in the hooks (``on_statistic``), overlapping
+   the rest of forward/backward; after gradient accumulation they are sent at the step.
 2. Each inverse is computed by its inverse worker and broadcast to the layer's gradient-worker
    group (COMM-OPT: all ranks; MEM-OPT: nobody; HYBRID: a process set). With
    ``stale_inverse`` the broadcast is asynchronous and every rank keeps using the previous
    inverse until the next step.
 3. Gradient workers precondition; MEM-OPT/HYBRID then broadcast the preconditioned gradient
-   from each worker to its receiver group.
+   from each worker to its receiver group. One host read of every layer's sum(v . g) (and the
+   adaptive changes) ends the step.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Mapping
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from hvd_ngd import inverse
+import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from hvd_ngd.preconditioner import Preconditioner
-
+from hvd_ngd import inverse, wire
+from hvd_ngd.keys import StatKey
 from hvd_ngd.ops.base import Array
+from hvd_ngd.strategies.base import DistributionStrategy, EngineContext, changes_vector
+
+_ITEMSIZE = {"float16": 2, "float32": 4}
 
 
-def update_factors(engine: "Preconditioner") -> None:
-    """Average due statistics over ranks and fold them into the running factors."""
-    due = engine.due_statistics()
-    batch = [engine.batch_statistic(k) for k in due]
-    early = {k: engine.comm.wait(h) for k, h in engine.inflight.items()}  # started in the hooks
-    valid = {k: v for k, v in early.items() if engine.overlap}  # invalid after gradient accumulation
-    late = [k for k in due if k not in valid]
-    late_values = engine.allreduce_fused(
-        [engine.factor_to_wire(k, engine.batch_statistic(k)) for k in late], f"factors.s{engine.steps}"
-    )
-    valid.update(zip(late, late_values))
-    reduced = [valid[k] for k in due]
-    for key, flat, like in zip(due, reduced, batch):
-        change = engine.fold(key, engine.factor_from_wire(key, flat, like))
-        if change is not None:
-            engine.tracker.record_refresh(key, engine.steps, change)
+class KAISAStrategy(DistributionStrategy):
+    """COMM-OPT / MEM-OPT / HYBRID (see the module docstring).
 
+    State owned here: factor allreduces in flight (started in the hooks) and, in stale-inverse
+    mode, inverses still being broadcast.
+    """
 
-def _swap_pending(engine: "Preconditioner") -> None:
-    """Install inverses refreshed at an earlier step (stale-inverse mode)."""
-    for key, (handles, diagonal, remote) in list(engine.pending.items()):
-        tensors = [engine.comm.wait(h) for h in handles] if remote else handles
-        engine.inverses[key] = inverse.inverse_from_tensors(engine.ops, engine.config.inverse_method, diagonal, tensors)
-    engine.pending.clear()
+    def __init__(self, ctx: EngineContext) -> None:
+        super().__init__(ctx)
+        self.inflight: Dict[StatKey, Any] = {}
+        self.pending: Dict[StatKey, Tuple[List[Any], bool]] = {}  # handles or tensors, remote
 
+    # ------------------------------------------------------------------ hook time
+    def on_statistic(self, key: StatKey, value: Array) -> None:
+        self.inflight[key] = self.ctx.comm.allreduce_async(
+            self.ctx.codec.encode((key,), [value]), name=f"hvd_ngd.factor.{key}", average=True
+        )
 
-def update_inverses(engine: "Preconditioner") -> None:
-    """Recompute due inverses on their workers and distribute them to gradient workers."""
-    _swap_pending(engine)
-    asynchronous = engine.config.stale_inverse
-    started: Dict[str, tuple] = {}
-    for layer in engine.layer_order:
-        spec = engine.specs[layer]
-        if spec.kind.is_unitwise:
-            continue
-        group = engine.worker_group(layer) if engine.grad_workers < engine.world else None
-        members = group if group is not None else list(range(engine.world))
-        for statistic in ("A", "G"):
-            key = f"{layer}/{statistic}"
-            if key not in engine.factors or not engine.inverse_due(layer, statistic):
+    def discard(self) -> None:
+        self.inflight.clear()
+
+    # ------------------------------------------------------------------ factors
+    def _update_factors(self) -> Dict[StatKey, Optional[Array]]:
+        ctx = self.ctx
+        ops, step = ctx.ops, ctx.state.steps
+        due = ctx.schedule.due(step)
+        early = {k: ctx.comm.wait(h) for k, h in self.inflight.items()}
+        self.inflight.clear()
+        if not due:
+            return {}
+        batch = {k: ctx.statistics.mean(k, step) for k in due}
+        dtype = ops.dtype_name(batch[due[0]])
+        valid = {} if ctx.statistics.accumulated else early
+        values: Dict[StatKey, Array] = {k: ctx.codec.decode((k,), valid[k], dtype)[0] for k in due if k in valid}
+        late = [k for k in due if k not in valid]
+        if late:
+            item = 2 if ctx.config.wire_dtype.value == "float16" else _ITEMSIZE.get(dtype, 8)
+            sizes = [n * item for n in ctx.codec.wire_sizes(late)]
+            for b, idx in enumerate(wire.bucket(sizes, ctx.config.fusion_threshold_bytes)):
+                keys = tuple(late[i] for i in idx)
+                buf = ctx.codec.encode(keys, [batch[k] for k in keys])
+                buf = ctx.comm.allreduce(buf, name=f"hvd_ngd.factors.s{step}.{b}.{ops.shape(buf)[0]}", average=True)
+                values.update(zip(keys, ctx.codec.decode(keys, buf, dtype)))
+        return ctx.curvature.fold(due, [values[k] for k in due])
+
+    # ------------------------------------------------------------------ inverses
+    def _install(self, key: StatKey, tensors: List[Array]) -> None:
+        block = self.ctx.blocks[key.layer]
+        self.ctx.state.inverses[key] = block.rebuild_inverse(self.ctx.ops, key, tensors)
+
+    def _swap_pending(self) -> None:
+        for key, (handles, remote) in list(self.pending.items()):
+            self._install(key, [self.ctx.comm.wait(h) for h in handles] if remote else handles)
+        self.pending.clear()
+
+    def _update_inverses(self) -> None:
+        ctx = self.ctx
+        ops, comm, pl, cur, state = ctx.ops, ctx.comm, ctx.placement, ctx.curvature, ctx.state
+        self._swap_pending()
+        started: Dict[StatKey, Tuple[List[Any], bool]] = {}
+        for layer in ctx.layer_order:
+            block = ctx.blocks[layer]
+            if not block.inverted:
                 continue
-            worker = engine.inverse_worker(layer, statistic)
-            if engine.rank not in members:
+            group = pl.group_arg(layer)
+            members = group if group is not None else None
+            for key in block.inverted:
+                if key not in state.factors or not cur.inverse_due(key):
+                    continue
+                if members is not None and pl.rank not in members:
+                    continue
+                worker = pl.inverse_worker(key)
+                if pl.rank == worker:
+                    tensors = inverse.inverse_to_tensors(cur.compute_inverse(key))
+                else:
+                    tensors = block.inverse_template(ops, key, state.factors[key])
+                remote = (len(members) if members is not None else pl.world) > 1
+                if remote:
+                    tensors = [
+                        comm.broadcast_async(t, worker, name=f"hvd_ngd.inv.{key}.{i}", group=group)
+                        for i, t in enumerate(tensors)
+                    ]
+                started[key] = (tensors, remote)
+        # Stale mode keeps using the previous inverse for this step, on every rank and whatever
+        # the world size (so a 1-rank run follows the same schedule); the first one is waited for.
+        for key, (handles, remote) in started.items():
+            if ctx.config.stale_inverse and key in state.inverses:
+                self.pending[key] = (handles, remote)
                 continue
-            diagonal = statistic == "A" and spec.a_is_diagonal
-            if engine.rank == worker:
-                tensors = inverse.inverse_to_tensors(engine.compute_inverse(layer, statistic))
+            self._install(key, [comm.wait(h) for h in handles] if remote else handles)
+
+    def pending_inverses(self) -> Dict[StatKey, List[Array]]:
+        out = {}
+        for key, (handles, remote) in list(self.pending.items()):
+            tensors = [self.ctx.comm.wait(h) for h in handles] if remote else handles
+            self.pending[key] = (tensors, False)
+            out[key] = tensors
+        return out
+
+    def load_pending(self, pending: Mapping[StatKey, List[Array]]) -> None:
+        self.pending = {k: (list(v), False) for k, v in pending.items()}
+
+    # ------------------------------------------------------------------ the step
+    def step(self, grads: Mapping[str, Array], other_grads: Sequence[Array]) -> Tuple[Dict[str, Array], List[Array]]:
+        ctx = self.ctx
+        ops, pl, cur, state = ctx.ops, ctx.placement, ctx.curvature, ctx.state
+        step = state.steps
+        changes = self._update_factors()
+        self._update_inverses()
+        local, computed, vg_names, vg_pieces = cur.precondition(pl.local_layers, grads)
+        pgrads: Dict[str, Array] = dict(grads)
+        pgrads.update(local)
+        if pl.grad_workers < pl.world:
+            received = self._broadcast_preconditioned(pgrads)
+            if received:
+                keep = [i for i, n in enumerate(vg_names) if n not in received]
+                if vg_pieces:
+                    vg = ops.concat(vg_pieces, 0) if len(vg_pieces) > 1 else vg_pieces[0]
+                    vg_pieces = [ops.take(vg, ops.index(np.asarray(keep, dtype=np.int64), vg))]
+                vg_names = [vg_names[i] for i in keep]
+                vg_names.extend(received)
+                vg_pieces.append(cur.vg_terms(received, pgrads, grads))
+        seen = set(vg_names)
+        rest = [n for n in ctx.layer_order if n not in seen] if len(seen) < len(ctx.layer_order) else []
+        if rest:
+            vg_names = vg_names + rest
+            vg_pieces = vg_pieces + [cur.vg_terms(rest, pgrads, grads)]
+        due = ctx.schedule.due(step)
+        adaptive = ctx.schedule.adaptive and bool(due)
+        if adaptive:
+            vg_pieces = vg_pieces + [changes_vector(ctx, due, changes, grads[ctx.layer_order[0]])]
+        read = ops.to_numpy(ops.concat(vg_pieces, 0) if len(vg_pieces) > 1 else vg_pieces[0])  # the one read
+        vg_values = read[: len(vg_names)]
+        if adaptive:
+            cur.record_changes(step, due, [float(c) for c in read[len(vg_names) :]])
+        vg_total = 0.0
+        computed_set = set(computed)
+        by_name = dict(zip(vg_names, vg_values))
+        for name in ctx.layer_order:  # one summation order on every rank: identical KL scales
+            value = float(by_name[name])
+            if math.isfinite(value):
+                vg_total += value
+                continue
+            if name in computed_set:
+                cur.escalate(name)
             else:
-                tensors = engine.inverse_template(layer, statistic)
-            if len(members) > 1:
-                handles = [
-                    engine.comm.broadcast_async(t, worker, name=f"hvd_ngd.inv.{key}.{i}", group=group)
-                    for i, t in enumerate(tensors)
-                ]
-            else:
-                handles = tensors
-            started[key] = (handles, diagonal, len(members) > 1)
-    # Stale mode keeps using the previous inverse for this step, on every rank and whatever the
-    # world size (so a 1-rank run follows the same schedule); the first inverse is waited for.
-    for key, (handles, diagonal, remote) in started.items():
-        if asynchronous and key in engine.inverses:
-            engine.pending[key] = (handles, diagonal, remote)
-            continue
-        tensors = [engine.comm.wait(h) for h in handles] if remote else handles
-        engine.inverses[key] = inverse.inverse_from_tensors(engine.ops, engine.config.inverse_method, diagonal, tensors)
+                cur.fall_back(name, "received a non-finite preconditioned gradient")
+            pgrads[name] = grads[name]
+            vg_total += ops.to_float(ops.sum(grads[name] * grads[name]))  # rare path
+        scale = cur.kl_scale(vg_total)
+        if scale != 1.0:
+            pgrads = {k: v * scale for k, v in pgrads.items()}
+        return pgrads, list(other_grads)
 
-
-def step(engine: "Preconditioner", grads: Mapping[str, Array]) -> Dict[str, Array]:
-    """One KAISA step; returns preconditioned, KL-clipped gradients on every rank."""
-    update_factors(engine)
-    update_inverses(engine)
-    pgrads: Dict[str, Array] = {}
-    computed: List[str] = []
-    for layer in engine.layer_order:
-        local = engine.specs[layer].kind.is_unitwise or engine.rank in engine.worker_group(layer)
-        if local and engine.has_curvature(layer) and not engine.fell_back(layer):
-            pgrads[layer] = engine.precondition_layer(layer, grads[layer])
-            computed.append(layer)
-        else:  # plain gradient, or a placeholder that the broadcast below overwrites
-            pgrads[layer] = grads[layer]
-    engine.checked(computed, pgrads, grads)
-    if engine.grad_workers < engine.world:
-        _broadcast_preconditioned(engine, pgrads, grads)
-    scale = engine.kl_scale(engine.vg_sum(engine.layer_order, pgrads, grads))
-    if scale != 1.0:
-        pgrads = {k: v * scale for k, v in pgrads.items()}
-    return pgrads
-
-
-def _broadcast_preconditioned(engine: "Preconditioner", pgrads: Dict[str, Array], grads: Mapping[str, Array]) -> None:
-    """Send each K-FAC layer's preconditioned gradient from its worker to its receiver group."""
-    my_receivers = next(g for g in engine.receiver_groups if engine.rank in g)
-    for layer in engine.layer_order:
-        if engine.specs[layer].kind.is_unitwise:
-            continue
-        workers = set(engine.worker_group(layer))
-        root = next(r for r in my_receivers if r in workers)
-        if len(my_receivers) > 1:
-            pgrads[layer] = engine.comm.broadcast(
-                pgrads[layer], root, name=f"hvd_ngd.pgrad.{layer}", group=my_receivers
-            )
+    def _broadcast_preconditioned(self, pgrads: Dict[str, Array]) -> List[str]:
+        """Send each K-FAC layer's preconditioned gradient from its worker to its receiver
+        group; returns the layers this rank received."""
+        ctx = self.ctx
+        pl = ctx.placement
+        received: List[str] = []
+        if len(pl.my_receivers) <= 1:
+            return received
+        for layer in ctx.layer_order:
+            if not ctx.blocks[layer].inverted:
+                continue
+            workers = set(pl.worker_group(layer))
+            root = next(r for r in pl.my_receivers if r in workers)
+            pgrads[layer] = ctx.comm.broadcast(pgrads[layer], root, name=f"hvd_ngd.pgrad.{layer}", group=pl.my_receivers)
+            if root != pl.rank:
+                received.append(layer)
+        return received

@@ -1,141 +1,175 @@
 """SP-NGD strategy: reduce-scatter to owners, precondition, all-gather.
 
-1. Every rank builds one row per owner rank holding the due statistics and the gradient
-   matrices of the layers that rank owns; rows are padded to equal length and reduce-scattered
-   (averaged), so each owner receives exactly the sums it needs (ReduceScatterV). Factors and
-   gradients travel in separate buffers because factors may use a different wire dtype.
+1. Every rank builds one row per owner rank holding the due statistics (one wire buffer) and
+   the gradient matrices of the layers that rank owns; rows are padded to equal length and
+   reduce-scattered (averaged), so each owner receives exactly the sums it needs
+   (ReduceScatterV). Factors and gradients travel in separate buffers because factors may use
+   another wire dtype.
 2. Owners fold statistics, refresh due inverses and precondition their layers.
-3. Each rank all-gathers [its preconditioned gradients, its partial sum(v . g) for KL
-   clipping, the relative changes of its refreshed statistics]; every rank then has every
-   preconditioned gradient and applies the same adaptive-interval decisions.
+3. Each rank all-gathers [its preconditioned gradients, each owned layer's sum(v . g), the
+   relative changes of its refreshed statistics (adaptive policy)]; one host read of the
+   scalars then gives every rank the KL-clipping sum, the layers whose preconditioned gradient
+   is not finite, and the same adaptive-interval decisions.
 Gradients of parameters that are not preconditioned are averaged with one fused allreduce.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Mapping, Sequence, Tuple
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from hvd_ngd.keys import StatKey
 from hvd_ngd.ops.base import Array
-
-if TYPE_CHECKING:  # pragma: no cover
-    from hvd_ngd.preconditioner import Preconditioner
+from hvd_ngd.strategies.base import DistributionStrategy, EngineContext, average_fused, changes_vector
 
 
-def _numel(engine: "Preconditioner", x: Array) -> int:
-    n = 1
-    for d in engine.ops.shape(x):
-        n *= d
-    return n
+class SPNGDStrategy(DistributionStrategy):
+    """SP-NGD's ReduceScatterV / AllGatherV step (see the module docstring)."""
 
+    reduces_gradients = True
 
-def _reduce_scatter_rows(engine: "Preconditioner", rows: List[List[Array]], like: Array, tag: str) -> List[Array]:
-    """Reduce-scatter per-owner lists of flat tensors; returns this rank's averaged pieces."""
-    ops = engine.ops
-    flat_rows = [ops.concat(r, 0) if r else ops.zeros((0,), like) for r in rows]
-    lengths = [ops.shape(r)[0] for r in flat_rows]
-    width = max(lengths)
-    if width == 0:
-        return []
-    padded = [
-        r if n == width else ops.concat([r, ops.zeros((width - n,), r)], 0) for r, n in zip(flat_rows, lengths)
-    ]
-    mine = engine.comm.reducescatter(ops.stack(padded, 0), name=f"hvd_ngd.{tag}.{width}", average=True)
-    pieces: List[Array] = []
-    offset = 0
-    for t in rows[engine.rank]:
-        n = _numel(engine, t)
-        pieces.append(mine[offset : offset + n])
-        offset += n
-    return pieces
+    def __init__(self, ctx: EngineContext) -> None:
+        super().__init__(ctx)
+        self._shapes: Optional[Dict[str, Tuple[int, ...]]] = None
+        self._scalar_index: Dict[Tuple[StatKey, ...], Tuple[Array, List[List[StatKey]]]] = {}
 
+    def _layer_shapes(self, grads: Mapping[str, Array]) -> Dict[str, Tuple[int, ...]]:
+        if self._shapes is None:
+            self._shapes = {n: tuple(self.ctx.ops.shape(grads[n])) for n in self.ctx.layer_order}
+        return self._shapes
 
-def _owned(engine: "Preconditioner", rank: int) -> List[str]:
-    return [n for n in engine.layer_order if engine.layer_owner(n) == rank]
+    def _reduce_scatter(self, rows: List[Optional[Array]], lengths: List[int], like: Array, tag: str) -> Optional[Array]:
+        """Average per-owner rows; returns this rank's row (trimmed), None when all are empty."""
+        ops = self.ctx.ops
+        width = max(lengths)
+        if width == 0:
+            return None
+        padded = []
+        for row, n in zip(rows, lengths):
+            if row is None:
+                padded.append(ops.zeros((width,), like))
+            elif n < width:
+                padded.append(ops.concat([row, ops.zeros((width - n,), row)], 0))
+            else:
+                padded.append(row)
+        mine = self.ctx.comm.reducescatter(ops.stack(padded, 0), name=f"hvd_ngd.{tag}.{width}", average=True)
+        return mine[: lengths[self.ctx.placement.rank]]
 
+    def step(self, grads: Mapping[str, Array], other_grads: Sequence[Array]) -> Tuple[Dict[str, Array], List[Array]]:
+        ctx = self.ctx
+        ops, pl, cur, state = ctx.ops, ctx.placement, ctx.curvature, ctx.state
+        step, rank, world = state.steps, pl.rank, pl.world
+        if not ctx.layer_order:
+            return {}, average_fused(ctx, list(other_grads), f"other.s{step}")
+        shapes = self._layer_shapes(grads)
+        like = grads[ctx.layer_order[0]]
+        due = ctx.schedule.due(step)
+        due_by_rank = pl.split_by_owner(due)
+        adaptive = ctx.schedule.adaptive
 
-def step(
-    engine: "Preconditioner", grads: Mapping[str, Array], other_grads: Sequence[Array]
-) -> Tuple[Dict[str, Array], List[Array]]:
-    """One SP-NGD step on local (not yet averaged) gradients."""
-    ops = engine.ops
-    world = engine.world
-    due = engine.due_statistics()
-    owners = {n: engine.layer_owner(n) for n in engine.layer_order}
-    due_by_rank: List[List[str]] = [[k for k in due if owners[k.rsplit("/", 1)[0]] == r] for r in range(world)]
-    owned = [_owned(engine, r) for r in range(world)]
-    like = grads[engine.layer_order[0]] if engine.layer_order else None
+        # 1. ReduceScatterV of due statistics and of gradients to their owners.
+        changes: Dict[StatKey, Optional[Array]] = {}
+        if due:
+            batch = {k: ctx.statistics.mean(k, step) for k in due}
+            rows = [ctx.codec.encode(keys, [batch[k] for k in keys]) if keys else None for keys in due_by_rank]
+            wire_like = next(r for r in rows if r is not None)
+            lengths = [ctx.codec.wire_length(keys) for keys in due_by_rank]
+            mine = self._reduce_scatter(rows, lengths, wire_like, f"factors.s{step}")
+            my_due = due_by_rank[rank]
+            if my_due:
+                values = ctx.codec.decode(my_due, mine, ops.dtype_name(batch[my_due[0]]))
+                changes = cur.fold(my_due, values)
+        sizes = {n: int(np.prod(shapes[n])) for n in ctx.layer_order}
+        rows = [ops.concat([ops.flatten(grads[n]) for n in pl.owned[r]], 0) if pl.owned[r] else None for r in range(world)]
+        mine = self._reduce_scatter(rows, [sum(sizes[n] for n in pl.owned[r]) for r in range(world)], like, f"grads.s{step}")
+        my_grads: Dict[str, Array] = {}
+        offset = 0
+        for name in pl.owned[rank]:
+            my_grads[name] = ops.reshape(mine[offset : offset + sizes[name]], shapes[name])
+            offset += sizes[name]
+        reduced_other = average_fused(ctx, list(other_grads), f"other.s{step}")
 
-    # 1. ReduceScatterV of due statistics and of gradients to their owners.
-    batch = {k: engine.batch_statistic(k) for k in due}
-    if due:
-        rows = [[engine.factor_to_wire(k, batch[k]) for k in due_by_rank[r]] for r in range(world)]
-        wire_like = next(t for row in rows for t in row)
-        pieces = _reduce_scatter_rows(engine, rows, wire_like, f"factors.s{engine.steps}")
-        for key, flat in zip(due_by_rank[engine.rank], pieces):
-            change = engine.fold(key, engine.factor_from_wire(key, flat, batch[key]))
-            engine.last_changes[key] = change
-    my_grads: Dict[str, Array] = {}
-    if engine.layer_order:
-        rows = [[ops.flatten(grads[n]) for n in owned[r]] for r in range(world)]
-        pieces = _reduce_scatter_rows(engine, rows, like, f"grads.s{engine.steps}")
-        for name, flat in zip(owned[engine.rank], pieces):
-            my_grads[name] = ops.reshape(flat, ops.shape(grads[name]))
-    reduced_other = engine.allreduce_fused(list(other_grads), f"other.s{engine.steps}")
+        # 2. Owners refresh inverses and precondition.
+        for name in pl.owned[rank]:
+            for key in ctx.blocks[name].inverted:
+                if key in state.factors and cur.inverse_due(key):
+                    state.inverses[key] = cur.compute_inverse(key)
+        owned = pl.owned[rank]
+        pgrads, computed, vg_names, vg_pieces = cur.precondition(owned, my_grads)
 
-    # 2. Owners refresh inverses and precondition.
-    for key in [k for k in engine.stat_names if owners[k.rsplit("/", 1)[0]] == engine.rank]:
-        layer, statistic = key.rsplit("/", 1)
-        if statistic == "F" or key not in engine.factors or not engine.inverse_due(layer, statistic):
-            continue
-        engine.inverses[key] = engine.compute_inverse(layer, statistic)
-    pgrads: Dict[str, Array] = {}
-    computed = []
-    for name in owned[engine.rank]:
-        if engine.has_curvature(name) and not engine.fell_back(name):
-            pgrads[name] = engine.precondition_layer(name, my_grads[name])
-            computed.append(name)
-        else:
-            pgrads[name] = my_grads[name]
-    engine.checked(computed, pgrads, my_grads)
+        # 3. AllGatherV of preconditioned gradients, sum(v . g) per layer, statistic changes.
+        order = {n: i for i, n in enumerate(vg_names)}
+        payload = [ops.flatten(pgrads[n]) for n in owned]
+        if owned:
+            vg = ops.concat(vg_pieces, 0) if len(vg_pieces) > 1 else vg_pieces[0]
+            if vg_names != owned:
+                vg = ops.take(vg, ops.index(np.asarray([order[n] for n in owned]), vg))
+            payload.append(vg)
+        if adaptive and due_by_rank[rank]:
+            payload.append(changes_vector(ctx, due_by_rank[rank], changes, like))
+        if not payload:
+            payload.append(ops.zeros((0,), like))
+        gathered = ctx.comm.allgather(ops.concat(payload, 0), name=f"hvd_ngd.pgrads.s{step}")
 
-    # 3. AllGatherV of preconditioned gradients, KL partial sums and statistic changes.
-    if like is None:
-        return {}, reduced_other
-    payload = [ops.flatten(pgrads[n]) for n in owned[engine.rank]]
-    partial = engine.vg_sum(owned[engine.rank], pgrads, my_grads)
-    payload.append(ops.reshape(partial if partial is not None else ops.zeros((), like), (1,)))
-    changes = [engine.last_changes.get(k) for k in due_by_rank[engine.rank]]
-    if changes:
-        values = np.asarray([-1.0 if c is None else c for c in changes], dtype=ops.dtype_name(like))
-        payload.append(ops.from_numpy(values, like))
-    gathered = engine.comm.allgather(ops.concat(payload, 0), name=f"hvd_ngd.pgrads.s{engine.steps}")
-    engine.last_changes.clear()
+        out: Dict[str, Array] = {}
+        scalar_positions: List[int] = []
+        offset = 0
+        for r in range(world):
+            for name in pl.owned[r]:
+                out[name] = ops.reshape(gathered[offset : offset + sizes[name]], shapes[name])
+                offset += sizes[name]
+            count = len(pl.owned[r]) + (len(due_by_rank[r]) if adaptive else 0)
+            scalar_positions.extend(range(offset, offset + count))
+            offset += count
+        scalars = ops.to_numpy(ops.take(gathered, self._index(due, scalar_positions, gathered)))  # the one read
+        vg_total = 0.0
+        bad: List[str] = []
+        pos = 0
+        for r in range(world):
+            for name in pl.owned[r]:
+                value = float(scalars[pos])
+                pos += 1
+                if math.isfinite(value):
+                    vg_total += value
+                else:
+                    bad.append(name)
+            if adaptive:
+                cur.record_changes(step, due_by_rank[r], [float(c) for c in scalars[pos : pos + len(due_by_rank[r])]])
+                pos += len(due_by_rank[r])
+        if bad:
+            vg_total += self._replace_bad(bad, my_grads, out, grads)
+        scale = cur.kl_scale(vg_total)
+        if scale != 1.0:
+            out = {k: v * scale for k, v in out.items()}
+        return out, reduced_other
 
-    out: Dict[str, Array] = {}
-    offset = 0
-    scalar_index: List[int] = []  # positions of [partial_r, changes of r...] for every rank r
-    for r in range(world):
-        for name in owned[r]:
-            n = _numel(engine, grads[name])
-            out[name] = ops.reshape(gathered[offset : offset + n], ops.shape(grads[name]))
-            offset += n
-        count = 1 + (len(due_by_rank[r]) if due_by_rank[r] else 0)
-        scalar_index.extend(range(offset, offset + count))
-        offset += count
-    scalars = ops.to_numpy(ops.concat([gathered[i : i + 1] for i in scalar_index], 0))  # one host sync
-    vg_total = 0.0
-    pos = 0
-    for r in range(world):
-        vg_total = vg_total + float(scalars[pos])
-        pos += 1
-        for key in due_by_rank[r]:
-            change = float(scalars[pos])
-            pos += 1
-            if change >= 0.0:
-                engine.tracker.record_refresh(key, engine.steps, change)
-    scale = engine.kl_scale(vg_total)
-    if scale != 1.0:
-        out = {k: v * scale for k, v in out.items()}
-    return out, reduced_other
+    def _index(self, due: Tuple[StatKey, ...], positions: List[int], like: Array) -> Array:
+        entry = self._scalar_index.get(due)
+        if entry is None or entry[1] != positions:
+            if len(self._scalar_index) > 64:
+                self._scalar_index.clear()
+            entry = (self.ctx.ops.index(np.asarray(positions, dtype=np.int64), like), positions)
+            self._scalar_index[due] = entry
+        return entry[0]
+
+    def _replace_bad(
+        self, bad: List[str], my_grads: Mapping[str, Array], out: Dict[str, Array], grads: Mapping[str, Array]
+    ) -> float:
+        """Layers whose preconditioned gradient is not finite: the owner escalates their damping
+        and broadcasts the plain averaged gradient instead (rare path). Returns their sum(g . g)."""
+        ctx = self.ctx
+        ops, pl, cur = ctx.ops, ctx.placement, ctx.curvature
+        total = 0.0
+        for name in bad:
+            owner = pl.owner[name]
+            if owner == pl.rank:
+                cur.escalate(name)
+                plain = my_grads[name]
+            else:
+                plain = ops.zeros(ops.shape(grads[name]), grads[name])
+            plain = ctx.comm.broadcast(plain, owner, name=f"hvd_ngd.plain.{name}.s{ctx.state.steps}")
+            out[name] = plain
+            total += ops.to_float(ops.sum(plain * plain))
+        return total

@@ -77,6 +77,12 @@ class TFOps:
     def gather2d(self, x: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
         return tf.gather_nd(x, self._pairs(rows, cols))
 
+    def index(self, values: Any, like: tf.Tensor) -> tf.Tensor:
+        return tf.constant(np.asarray(values, dtype=np.int64), dtype=tf.int64)
+
+    def take(self, x: tf.Tensor, indices: tf.Tensor) -> tf.Tensor:
+        return tf.gather(x, indices)
+
     def scatter_sym(self, values: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor, n: int) -> tf.Tensor:
         upper = tf.scatter_nd(self._pairs(rows, cols), values, (n, n))
         return upper + tf.transpose(upper) - tf.linalg.diag(tf.linalg.diag_part(upper))

@@ -268,7 +268,7 @@ class KFAC:
 
     def set_lr(self, lr: Any) -> None:
         """Set the learning rate KL clipping uses (eager value)."""
-        self.engine.config.lr = _to_float(lr)
+        self.engine.set_hyperparameters(lr=_to_float(lr))
 
     # ------------------------------------------------------------------ the eager step
     def precondition(

@@ -68,6 +68,12 @@ class TorchOps:
     def gather2d(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return x[rows, cols]
 
+    def index(self, values: Any, like: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.int64, device=like.device)
+
+    def take(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return x[indices]
+
     def scatter_sym(self, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n: int) -> torch.Tensor:
         out = torch.zeros((n, n), dtype=values.dtype, device=values.device)
         out[rows, cols] = values

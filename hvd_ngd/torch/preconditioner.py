@@ -223,8 +223,6 @@ class KFAC:
                 "hvd_ngd.torch.elastic.KFACState, or call kfac.rebuild() and load a state_dict"
             )
         self.connect()
-        if lr is not None:
-            self.engine.config.lr = float(lr)
         grads = {layer.name: layer.grad_matrix() for layer in self.layers}
         others: List[torch.Tensor] = []
         if self.reduce_gradients:
@@ -232,7 +230,9 @@ class KFAC:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 others.append(p.grad)
-        pgrads, others_out = self.engine.reduce_and_step(grads, others, self.reduce_gradients, hyperparameters)
+        pgrads, others_out = self.engine.reduce_and_step(
+            grads, others, self.reduce_gradients, hyperparameters, lr=None if lr is None else float(lr)
+        )
         with torch.no_grad():
             for layer in self.layers:
                 layer.set_grad_matrix(pgrads[layer.name])

@@ -57,7 +57,7 @@ def drift_run(strategy: str, drift_step: int, mutate: Any, extra_for: Any = None
 @pytest.mark.parametrize("strategy", ["spngd", "comm-opt", "hybrid"])
 def test_learning_rate_drift_is_reported_on_every_rank_at_the_next_step(strategy: str) -> None:
     def mutate(engine: Preconditioner) -> None:
-        engine.config.lr = 0.05  # e.g. an LR schedule stepped on one rank only
+        engine.set_hyperparameters(lr=0.05)  # e.g. an LR schedule stepped on one rank only
 
     cfg = {"grad_worker_fraction": 0.5} if strategy == "hybrid" else {}
     results = drift_run(strategy, 2, mutate, **cfg)
@@ -70,8 +70,8 @@ def test_learning_rate_drift_is_reported_on_every_rank_at_the_next_step(strategy
 
 def test_damping_and_interval_drift_are_named() -> None:
     def mutate(engine: Preconditioner) -> None:
-        engine.config.damping = 0.02
-        engine.config.inv_update_interval = 3
+        engine.set_hyperparameters(damping=0.02)
+        engine.set_hyperparameters(inv_update_interval=3)
 
     (_, message0), (_, message1) = drift_run("comm-opt", 1, mutate)
     assert message0 == message1
@@ -99,7 +99,7 @@ def test_a_rank_that_skipped_a_step_is_reported() -> None:
 
 def test_interval_zero_disables_and_interval_k_checks_every_k_steps() -> None:
     def mutate(engine: Preconditioner) -> None:
-        engine.config.kl_clip = 0.5
+        engine.set_hyperparameters(kl_clip=0.5)
 
     assert [r[1] for r in drift_run("comm-opt", 1, mutate, consistency_check_interval=0)] == [None, None]
     results = drift_run("comm-opt", 1, mutate, steps=6, consistency_check_interval=3)

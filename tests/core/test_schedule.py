@@ -71,7 +71,7 @@ def test_escalated_layers_keep_their_factor_capped_by_max_damping() -> None:
     assert engine.layer_damping["fc2"] == pytest.approx(0.02)
     engine.set_hyperparameters(damping=0.1)
     assert engine.layer_damping["fc1"] == 0.5 and engine.layer_damping["fc2"] == pytest.approx(0.1)
-    assert engine.config.damping == 0.1 and engine.hyperparameters()["damping"] == 0.1
+    assert engine.schedule.values.damping == 0.1 and engine.hyperparameters()["damping"] == 0.1
     assert not engine.force_inverse  # eigen applies damping at preconditioning time
 
 

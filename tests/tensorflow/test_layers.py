@@ -296,14 +296,14 @@ def test_kl_clip_uses_the_given_learning_rate() -> None:
         return kfac.gradient(tape, loss, model.trainable_variables, lr=lr)
 
     traced(tf.ones((N, 3), tf.float64))
-    assert kfac.engine.config.lr == 0.5
+    assert kfac.engine.schedule.values.lr == 0.5
     lr.assign(0.25)
     traced(tf.ones((N, 3), tf.float64))
-    assert kfac.engine.config.lr == 0.25
+    assert kfac.engine.schedule.values.lr == 0.25
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(model(tf.ones((N, 3), tf.float64)) ** 2)
     kfac.gradient(tape, loss, model.trainable_variables, lr=0.125)
-    assert kfac.engine.config.lr == 0.125
+    assert kfac.engine.schedule.values.lr == 0.125
 
 
 def test_eager_calls_outside_a_tape_are_not_recorded() -> None:

@@ -83,7 +83,7 @@ class KFACScheduleCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, Any]] = None) -> None:
         if logs is None:
             return
-        config = kfac_of(self.model).engine.config
+        config = kfac_of(self.model).engine.schedule.values
         for name in self.schedules:
             value = getattr(config, name)
             logs[f"kfac_{name}"] = float("nan") if value is None else float(value)

@@ -1,0 +1,150 @@
+"""K-FAC block A (x) G of a Linear, Conv2d or Embedding layer.
+
+Eigen method: A = Qa diag(da) Qa^T, G = Qg diag(dg) Qg^T; the preconditioned gradient is
+Qg [(Qg^T dW Qa) * 1/(dg da^T + l)] Qa^T, the exact inverse of A (x) G + l I. The denominator
+1/(dg da^T + l) depends only on the decompositions and the damping, so it is kept from the step
+it was first needed until one of them changes. Decompositions run on the factor divided by its
+mean eigenvalue (trace / dim) and rescale the eigenvalues afterwards: the result is the same, but
+factors whose entries are far from 1 (vanishing gradients give G ~ 1e-30) no longer make a
+float32 eigensolver fail to converge.
+
+Cholesky method: (A + dA I)^-1 and (G + dG I)^-1 with the pi-corrected damping split.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from hvd_ngd import damping as damping_rules
+from hvd_ngd import inverse
+from hvd_ngd.blocks.base import CurvatureBlock
+from hvd_ngd.enums import InverseMethod
+from hvd_ngd.inverse import FactorInverse
+from hvd_ngd.keys import StatKey, Statistic
+from hvd_ngd.layer_spec import LayerSpec
+from hvd_ngd.ops.base import Array, ArrayOps
+
+_TINY = {"float32": 1e-35, "float64": 1e-300}
+
+
+def scaled_eigh(ops: ArrayOps, x: Array) -> Tuple[Array, Array]:
+    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD matrix, computed on
+    ``x / (trace(x) / n)`` and rescaled (float64 retry when the float32 solver fails)."""
+    n = ops.shape(x)[0]
+    dtype = ops.dtype_name(x)
+    scale = ops.maximum(ops.trace(x) / float(n), _TINY.get(dtype, 1e-35))
+    try:
+        vals, vecs = ops.eigh(x / scale)
+    except Exception:  # noqa: BLE001 - the backend's convergence failure; retry wider once
+        if dtype == "float64":
+            raise
+        vals, vecs = ops.eigh(ops.cast(x / scale, "float64"))
+        vals, vecs = ops.cast(vals, dtype), ops.cast(vecs, dtype)
+    return ops.maximum(vals, 0.0) * scale, vecs
+
+
+class KroneckerBlock(CurvatureBlock):
+    """Statistics ``A`` (a_dim x a_dim, or a vector for Embedding) and ``G`` (g_dim x g_dim).
+
+    Gradient matrix: (out, a_dim) with the bias gradient as the last column (Embedding:
+    weight_grad^T).
+
+    Args:
+        spec: the layer.
+        method: EIGEN or CHOLESKY.
+        pi_correction: split Cholesky damping with the pi-correction.
+    """
+
+    def __init__(self, spec: LayerSpec, method: InverseMethod, pi_correction: bool) -> None:
+        self.spec = spec
+        self.method = method
+        self.pi_correction = pi_correction
+        self.a_key = StatKey(spec.name, Statistic.A)
+        self.g_key = StatKey(spec.name, Statistic.G)
+        self.statistics = (self.a_key, self.g_key)
+        self.a_diagonal = spec.a_is_diagonal
+        self._denominator: Optional[Tuple[FactorInverse, FactorInverse, float, Array]] = None
+
+    # ------------------------------------------------------------------ layout
+    def is_symmetric_matrix(self, key: StatKey) -> bool:
+        return not (key == self.a_key and self.a_diagonal)
+
+    def shape(self, key: StatKey) -> Tuple[int, ...]:
+        if key == self.a_key:
+            return (self.spec.a_dim,) if self.a_diagonal else (self.spec.a_dim, self.spec.a_dim)
+        return (self.spec.g_dim, self.spec.g_dim)
+
+    @property
+    def inverted(self) -> Tuple[StatKey, ...]:
+        return self.statistics
+
+    def _diagonal(self, key: StatKey) -> bool:
+        return key == self.a_key and self.a_diagonal
+
+    # ------------------------------------------------------------------ inverses
+    def invert(self, ops: ArrayOps, key: StatKey, factors: Mapping[StatKey, Array], damping: float) -> FactorInverse:
+        """Decompose (EIGEN) or invert with the damping share (CHOLESKY) one factor.
+
+        Raises:
+            Exception: the backend's linear-algebra error when the decomposition fails.
+        """
+        factor = factors[key]
+        x = ops.cast(factor, inverse.compute_dtype(ops, factor))
+        diagonal = self._diagonal(key)
+        if self.method is InverseMethod.EIGEN:
+            if diagonal:
+                return FactorInverse(self.method, eigvals=ops.maximum(x, 0.0))
+            vals, vecs = scaled_eigh(ops, x)
+            return FactorInverse(self.method, eigvals=vals, eigvecs=vecs)
+        da, dg = damping_rules.cholesky_damping(
+            ops, factors[self.a_key], factors[self.g_key], damping, self.pi_correction, a_is_diagonal=self.a_diagonal
+        )
+        share = da if key == self.a_key else dg
+        return inverse.invert_factor(ops, x, self.method, share, diagonal=diagonal)
+
+    def inverse_template(self, ops: ArrayOps, key: StatKey, like: Array) -> List[Array]:
+        n = self.spec.a_dim if key == self.a_key else self.spec.g_dim
+        like = ops.cast(like, inverse.compute_dtype(ops, like))
+        diagonal = self._diagonal(key)
+        if self.method is InverseMethod.EIGEN:
+            vals = ops.zeros((n,), like)
+            return [vals] if diagonal else [vals, ops.zeros((n, n), like)]
+        return [ops.zeros((n,) if diagonal else (n, n), like)]
+
+    def rebuild_inverse(self, ops: ArrayOps, key: StatKey, tensors: List[Array]) -> FactorInverse:
+        return inverse.inverse_from_tensors(ops, self.method, self._diagonal(key), tensors)
+
+    def has_curvature(self, factors: Mapping[StatKey, Array], inverses: Mapping[StatKey, FactorInverse]) -> bool:
+        return self.a_key in inverses and self.g_key in inverses
+
+    # ------------------------------------------------------------------ preconditioning
+    def denominator(self, ops: ArrayOps, a_inv: FactorInverse, g_inv: FactorInverse, damping: float) -> Array:
+        """1 / (dg da^T + damping), kept until a decomposition or the damping changes."""
+        cached = self._denominator
+        if cached is not None and cached[0] is a_inv and cached[1] is g_inv and cached[2] == damping:
+            return cached[3]
+        rows, cols = ops.shape(g_inv.eigvals)[0], ops.shape(a_inv.eigvals)[0]
+        denom = 1.0 / (ops.reshape(g_inv.eigvals, (rows, 1)) * ops.reshape(a_inv.eigvals, (1, cols)) + damping)
+        self._denominator = (a_inv, g_inv, damping, denom)
+        return denom
+
+    def precondition(
+        self,
+        ops: ArrayOps,
+        grad: Array,
+        factors: Mapping[StatKey, Array],
+        inverses: Dict[StatKey, FactorInverse],
+        damping: float,
+    ) -> Array:
+        a_inv, g_inv = inverses[self.a_key], inverses[self.g_key]
+        if self.method is not InverseMethod.EIGEN:
+            return inverse.precondition_kronecker(ops, grad, a_inv, g_inv, damping)
+        out_dtype = ops.dtype_name(grad)
+        v = ops.cast(grad, ops.dtype_name(a_inv.eigvals))
+        v = ops.matmul(ops.transpose(g_inv.eigvecs), v)
+        if a_inv.eigvecs is not None:
+            v = ops.matmul(v, a_inv.eigvecs)
+        v = ops.matmul(g_inv.eigvecs, v * self.denominator(ops, a_inv, g_inv, damping))
+        if a_inv.eigvecs is not None:
+            v = ops.matmul(v, ops.transpose(a_inv.eigvecs))
+        return ops.cast(v, out_dtype)

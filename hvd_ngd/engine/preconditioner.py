@@ -1,0 +1,419 @@
+"""The framework-neutral preconditioner engine.
+
+One ``Preconditioner`` per rank. Adapters feed it batch statistics (``accumulate``) and gradient
+matrices (``step``); it communicates through an injected ``Communicator`` and computes through
+an injected ``ArrayOps``, so the same code runs on torch tensors, TF tensors and numpy. It wires
+together, once per world:
+
+- the per-layer curvature blocks (``hvd_ngd.blocks``),
+- the placement plan (``engine.placement``),
+- the schedule: due statistics and scheduled hyperparameters (``engine.schedule``),
+- the state: factors, inverses, damping, step (``engine.state``),
+- the factor math and health checks (``engine.curvature``),
+- one distribution strategy (``hvd_ngd.strategies``), which owns its own per-step state.
+
+Gradient matrices: K-FAC layers use (out, a_dim) (bias gradient as the last column; Embedding:
+weight_grad^T); unit-wise layers use (2, C) = [grad_gamma; grad_beta].
+"""
+
+from __future__ import annotations
+
+import collections.abc
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+
+from hvd_ngd import consistency
+from hvd_ngd.blocks import CurvatureBlock, make_block
+from hvd_ngd.communicator import Communicator
+from hvd_ngd.config import KFACConfig
+from hvd_ngd.engine.curvature import Curvature
+from hvd_ngd.engine.placement import Placement
+from hvd_ngd.engine.schedule import SCHEDULABLE, Schedule
+from hvd_ngd.engine.state import EngineState, merge_states
+from hvd_ngd.engine.statistics import BatchStatistics
+from hvd_ngd.engine.wire_codec import WireCodec
+from hvd_ngd.enums import InverseMethod, Strategy
+from hvd_ngd.keys import StatKey, Statistic
+from hvd_ngd.layer_spec import LayerSpec
+from hvd_ngd.ops.base import Array, ArrayOps
+from hvd_ngd.strategies import make_strategy
+from hvd_ngd.strategies.base import EngineContext, average_fused
+
+
+class FactorView(collections.abc.MutableMapping):
+    """The running factors keyed by their string names (``"layer/A"``), for inspection."""
+
+    def __init__(self, factors: Dict[StatKey, Array]) -> None:
+        self._factors = factors
+
+    def __getitem__(self, name: str) -> Array:
+        return self._factors[StatKey.parse(name)]
+
+    def __setitem__(self, name: str, value: Array) -> None:
+        self._factors[StatKey.parse(name)] = value
+
+    def __delitem__(self, name: str) -> None:
+        del self._factors[StatKey.parse(name)]
+
+    def __iter__(self) -> Iterator[str]:
+        return (str(k) for k in self._factors)
+
+    def __len__(self) -> int:
+        return len(self._factors)
+
+
+class Preconditioner:
+    """Per-rank K-FAC / SP-NGD engine.
+
+    Args:
+        specs: the registered layers, identical (names, order, shapes) on every rank.
+        config: validated configuration (never mutated: schedules change ``schedule.values``).
+        ops: array backend of the adapter.
+        comm: communicator of the adapter.
+
+    Raises:
+        ValueError: on duplicate layer names or a configuration that does not fit the world.
+    """
+
+    SCHEDULABLE = SCHEDULABLE
+
+    def __init__(self, specs: Sequence[LayerSpec], config: KFACConfig, ops: ArrayOps, comm: Communicator) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"duplicate layer names: {dup}")
+        if config.stale_inverse and config.strategy in (Strategy.SPNGD, Strategy.MEM_OPT):
+            raise ValueError(
+                f"invalid stale_inverse=True with strategy={config.strategy.value!r}: stale-inverse "
+                "distribution overlaps inverse broadcasts, which only comm-opt and hybrid send"
+            )
+        self.specs: Dict[str, LayerSpec] = {s.name: s for s in specs}
+        self.layer_order: List[str] = names
+        self.config = config
+        self.ops = ops
+        self.comm = comm
+        self.world = comm.size
+        self.rank = comm.rank
+        self.blocks: Dict[str, CurvatureBlock] = {
+            s.name: make_block(s, config.inverse_method, config.pi_correction) for s in specs
+        }
+        self.stat_keys: List[StatKey] = [k for s in specs for k in self.blocks[s.name].statistics]
+        self.placement = Placement(specs, config, self.world, self.rank)
+        self.schedule = Schedule(config, self.stat_keys)
+        self.state = EngineState(layer_damping={n: config.damping for n in names})
+        self.curvature = Curvature(ops, config, self.blocks, self.state, self.schedule)
+        self.codec = WireCodec(ops, self.blocks, config.symmetric_packing, config.wire_dtype)
+        self.statistics = BatchStatistics(on_first=self._on_first_statistic)
+        self.strategy = make_strategy(
+            config.strategy,
+            EngineContext(
+                ops, comm, config, self.blocks, self.layer_order, self.placement, self.schedule, self.state,
+                self.curvature, self.codec, self.statistics,
+            ),
+        )
+        self._checked_step = -1  # the step whose hyperparameters were last compared
+
+    def _on_first_statistic(self, key: StatKey, value: Array) -> None:
+        self.strategy.on_statistic(key, value)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def steps(self) -> int:
+        """Preconditioned steps taken."""
+        return self.state.steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.state.steps = int(value)
+
+    @property
+    def plan(self) -> Any:
+        """The layer-to-rank assignment."""
+        return self.placement.plan
+
+    @property
+    def tracker(self) -> Any:
+        """The stale-statistics tracker (``tracker.counts`` has refreshed / skipped counts)."""
+        return self.schedule.tracker
+
+    @property
+    def stat_names(self) -> List[StatKey]:
+        """Every statistic's key, in registration order."""
+        return list(self.stat_keys)
+
+    @property
+    def factors(self) -> FactorView:
+        """The running factors this rank holds, by string name (``"fc1/A"``)."""
+        return FactorView(self.state.factors)
+
+    def factor(self, layer: str, statistic: str) -> Array:
+        """One running factor (``statistic`` is ``"A"``, ``"G"`` or ``"F"``)."""
+        return self.state.factors[StatKey(layer, Statistic(statistic))]
+
+    @property
+    def layer_damping(self) -> Dict[str, float]:
+        """Per-layer damping (base damping, escalated after failures)."""
+        return self.state.layer_damping
+
+    @layer_damping.setter
+    def layer_damping(self, value: Dict[str, float]) -> None:
+        self.state.layer_damping.clear()
+        self.state.layer_damping.update(value)
+
+    @property
+    def force_inverse(self) -> Set[StatKey]:
+        """Statistics whose inverse is recomputed at the next step."""
+        return self.state.force_inverse
+
+    @property
+    def fallbacks(self) -> List[Tuple[int, str, str]]:
+        """(step, layer, reason) of every plain-gradient fallback."""
+        return self.state.fallbacks
+
+    @property
+    def overlap(self) -> bool:
+        """Whether KAISA factor allreduces still start in the hooks (off after accumulation)."""
+        return not self.statistics.accumulated
+
+    def layer_owner(self, layer: str) -> int:
+        """Rank that preconditions ``layer`` (and computes its inverses unless split)."""
+        return self.placement.layer_owner(layer)
+
+    def register_groups(self) -> None:
+        """Have the communicator create this plan's process sets (KAISA worker and receiver
+        groups), when it manages any (``register_groups``); a collective on Horovod."""
+        register = getattr(self.comm, "register_groups", None)
+        if register is not None:
+            register(list(self.placement.worker_groups) + list(self.placement.receiver_groups))
+
+    # ------------------------------------------------------------------ capture
+    def due_statistics(self) -> List[StatKey]:
+        """Statistics to compute and communicate at the current step."""
+        return list(self.schedule.due(self.state.steps))
+
+    def capture_plan(self) -> Dict[str, Set[str]]:
+        """Layer -> statistic kinds ("A", "G", "F") whose batch value is needed this step
+        (built once per due pattern; do not modify)."""
+        return self.schedule.capture_plan(self.state.steps)
+
+    def accumulate(self, layer: str, statistic: str, value: Array) -> None:
+        """Add one micro-batch's statistic (averaged over micro-batches at ``step``)."""
+        self.statistics.add(StatKey(layer, Statistic(statistic)), value)
+
+    # ------------------------------------------------------------------ hyperparameters
+    def set_hyperparameters(self, **values: Any) -> None:
+        """Change hyperparameters between steps (a schedule); every rank must do the same.
+
+        ``damping`` keeps each layer's escalation factor (a layer whose damping was raised after
+        failures stays that many times above the new base, capped by ``max_damping``); with the
+        Cholesky method, whose inverses hold the damping, every inverse is recomputed at the next
+        step. The per-step consistency check reports ranks that scheduled differently.
+
+        Args:
+            **values: new values of ``SCHEDULABLE`` fields (validated as ``KFACConfig`` does).
+
+        Raises:
+            ValueError: an unknown or unschedulable name, or an invalid value (named).
+        """
+        old_damping = self.schedule.values.damping
+        self.schedule.set(**values)
+        new_damping = self.schedule.values.damping
+        if new_damping != old_damping:
+            for n, current in self.state.layer_damping.items():
+                self.state.layer_damping[n] = min(self.config.max_damping, new_damping * (current / old_damping))
+            if self.config.inverse_method is InverseMethod.CHOLESKY:
+                self.state.force_inverse.update(k for b in self.blocks.values() for k in b.inverted)
+
+    def hyperparameters(self, extra: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+        """The values every rank must agree on at this step (see ``check_hyperparameters``).
+
+        Args:
+            extra: values the adapter adds, e.g. the optimizer's ``optimizer.momentum``.
+        """
+        values = self.schedule.compared(self.state.steps)
+        values.update({k: float(v) for k, v in (extra or {}).items()})
+        return values
+
+    def scheduled_hyperparameters(self) -> Dict[str, Any]:
+        """Current values of the ``SCHEDULABLE`` fields (saved by ``state_dict``)."""
+        return self.schedule.saved()
+
+    def load_hyperparameters(self, values: Mapping[str, Any]) -> None:
+        """Set ``scheduled_hyperparameters`` output as it was saved."""
+        self.schedule.load(values)
+
+    def check_hyperparameters(self, extra: Optional[Mapping[str, float]] = None, like: Optional[Array] = None) -> None:
+        """Raise ``RankMismatchError`` on every rank when ranks step with different values.
+
+        Runs every ``consistency_check_interval`` steps on more than one rank: one allgather of
+        a few float64 values, before any gradient of the step is communicated.
+        """
+        every = self.config.consistency_check_interval
+        steps = self.state.steps
+        if self.world == 1 or not every or steps % every or self._checked_step == steps:
+            return
+        # Per-layer damping is escalated only where a layer is preconditioned (its SP-NGD owner
+        # or KAISA gradient workers): the same allgather shares the largest value with every rank.
+        shared = {f"layer_damping.{n}": d for n, d in self.state.layer_damping.items()}
+        merged = consistency.check_hyperparameters(
+            self.comm, self.ops, self.hyperparameters(extra), steps, like, shared_max=shared
+        )
+        for n in self.state.layer_damping:
+            self.state.layer_damping[n] = merged[f"layer_damping.{n}"]
+        self._checked_step = steps
+
+    # ------------------------------------------------------------------ the step
+    def checked(self, layers: Sequence[str], pgrads: Dict[str, Array], grads: Mapping[str, Array]) -> None:
+        """Replace non-finite preconditioned gradients by the plain gradient (see
+        ``Curvature.checked``)."""
+        self.curvature.checked(layers, pgrads, grads)
+
+    def discard_step(self) -> None:
+        """Drop what was captured or started for the current step (statistics accumulated, factor
+        allreduces in flight): the step will not be taken, e.g. after an elastic reset. Local."""
+        self.statistics.clear()
+        self.strategy.discard()
+        self.curvature.end_step()
+
+    def step(
+        self,
+        grads: Mapping[str, Array],
+        other_grads: Sequence[Array] = (),
+        hyperparameters: Optional[Mapping[str, float]] = None,
+        lr: Optional[float] = None,
+    ) -> Tuple[Dict[str, Array], List[Array]]:
+        """Precondition one step's gradients.
+
+        Args:
+            grads: layer name -> gradient matrix for every registered layer. For KAISA
+                strategies they must already be averaged over ranks; for SPNGD they are local.
+            other_grads: gradients of parameters that are not preconditioned. SPNGD averages them
+                (one fused allreduce); KAISA returns them unchanged.
+            hyperparameters: the adapter's values to compare across ranks besides the engine's
+                own (e.g. the optimizer's momentum); see ``check_hyperparameters``.
+            lr: the optimizer's current learning rate (KL clipping), when it changed.
+
+        Returns:
+            Preconditioned gradient matrices (KL-clipped) and the other gradients.
+
+        Raises:
+            RankMismatchError: ranks disagree on the step's hyperparameters.
+        """
+        if len(grads) < len(self.layer_order) or any(n not in grads for n in self.layer_order):
+            missing = [n for n in self.layer_order if n not in grads]
+            raise ValueError(f"step() got no gradient for registered layers {missing}")
+        if lr is not None and lr != self.schedule.values.lr:
+            self.schedule.set(lr=float(lr))
+        if self.layer_order:
+            self.check_hyperparameters(hyperparameters, like=grads[self.layer_order[0]])
+        self.curvature.forced_now, self.state.force_inverse = set(self.state.force_inverse), set()
+        try:
+            result = self.strategy.step(grads, other_grads)
+        finally:
+            self.statistics.clear()
+            self.curvature.end_step()
+        self.state.steps += 1
+        return result
+
+    def reduce_and_step(
+        self,
+        grads: Mapping[str, Array],
+        other_grads: Sequence[Array],
+        reduce_gradients: bool,
+        hyperparameters: Optional[Mapping[str, float]] = None,
+        lr: Optional[float] = None,
+    ) -> Tuple[Dict[str, Array], List[Array]]:
+        """``step`` for adapters: optionally average local gradients first.
+
+        Args:
+            grads: layer name -> gradient matrix.
+            other_grads: gradients of parameters that are not preconditioned.
+            reduce_gradients: the gradients are local and must be averaged over ranks here
+                (SPNGD averages them inside its reduce-scatter; KAISA strategies with one fused
+                allreduce first). False when a Horovod optimizer already averaged them.
+            hyperparameters: the adapter's values to compare across ranks (see ``step``).
+            lr: the optimizer's current learning rate (see ``step``).
+
+        Returns:
+            Preconditioned gradient matrices and the (averaged) other gradients.
+        """
+        if not reduce_gradients or self.strategy.reduces_gradients:
+            pgrads, reduced = self.step(grads, other_grads if reduce_gradients else [], hyperparameters, lr)
+            return pgrads, reduced if reduce_gradients else list(other_grads)
+        names = list(grads)
+        self.check_hyperparameters(hyperparameters, like=grads[names[0]] if names else None)
+        reduced = average_fused(self.strategy.ctx, [grads[n] for n in names] + list(other_grads), f"grads.s{self.steps}")
+        pgrads, _ = self.step(dict(zip(names, reduced[: len(names)])), hyperparameters=hyperparameters, lr=lr)
+        return pgrads, reduced[len(names) :]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The complete preconditioner state as numpy arrays and plain Python values.
+
+        A collective: every rank must call it. Factors and inverses held by other ranks (SP-NGD
+        owners, KAISA worker groups) are gathered, so the result can be loaded on any world size.
+        Scheduled hyperparameters travel with it. Inverses still in flight (``stale_inverse``)
+        are completed and saved as pending.
+        """
+        pending = self.strategy.pending_inverses()
+        local = self.state.local_state(self.ops)
+        everyone = self.comm.allgather_object(local, name="hvd_ngd.state_dict") if self.world > 1 else [local]
+        merged = merge_states(everyone, self.layer_order)
+        return {
+            "steps": self.state.steps,
+            "method": self.config.inverse_method.value,
+            "hyperparameters": self.schedule.saved(),
+            "layer_damping": merged["layer_damping"],
+            "force_inverse": merged["force_inverse"],
+            "tracker": self.schedule.tracker.state_dict(),
+            "factors": merged["factors"],
+            "inverses": merged["inverses"],
+            "pending": {str(k): [self.ops.to_numpy(t) for t in v] for k, v in pending.items()},
+        }
+
+    def _holds(self, key: StatKey) -> bool:
+        """Whether this rank keeps a statistic (SP-NGD: owners only; KAISA: everyone)."""
+        if self.config.strategy is not Strategy.SPNGD:
+            return True
+        return self.placement.layer_owner(key.layer) == self.rank
+
+    def load_state_dict(self, state: dict, like: Array) -> None:
+        """Restore ``state_dict`` output (from this or any other world size).
+
+        Args:
+            state: ``state_dict()`` output.
+            like: a tensor giving the device of the restored tensors.
+
+        Raises:
+            ValueError: when the state was saved with other layers or another inverse method.
+        """
+        if state["method"] != self.config.inverse_method.value:
+            raise ValueError(
+                f"checkpoint inverses were computed with inverse_method={state['method']!r}, "
+                f"this preconditioner uses {self.config.inverse_method.value!r}"
+            )
+        known = {str(k) for k in self.stat_keys}
+        unknown = sorted(set(state["factors"]) - known)
+        if unknown:
+            raise ValueError(f"checkpoint holds statistics of layers this model does not register: {unknown}")
+        ops = self.ops
+        self.schedule.load(state.get("hyperparameters", {}))
+        self.schedule.forget_step()
+        self.state.steps = int(state["steps"])
+        self._checked_step = -1
+        self.layer_damping = {k: float(v) for k, v in state["layer_damping"].items()}
+        self.state.force_inverse = {StatKey.parse(k) for k in state["force_inverse"]}
+        self.schedule.tracker.load_state_dict(state["tracker"])
+        factors = {StatKey.parse(k): v for k, v in state["factors"].items()}
+        self.state.factors.clear()
+        self.state.factors.update({k: ops.from_numpy(v, like=like) for k, v in factors.items() if self._holds(k)})
+
+        def rebuild(key: StatKey, tensors: list) -> Any:
+            return self.blocks[key.layer].rebuild_inverse(ops, key, [ops.from_numpy(t, like=like) for t in tensors])
+
+        inverses = {StatKey.parse(k): v for k, v in state["inverses"].items()}
+        self.state.inverses.clear()
+        self.state.inverses.update({k: rebuild(k, v) for k, v in inverses.items() if self._holds(k)})
+        self.curvature.batched.clear()
+        self.strategy.load_pending(
+            {StatKey.parse(k): [ops.from_numpy(t, like=like) for t in v] for k, v in state["pending"].items()}
+        )
