@@ -114,6 +114,7 @@ class StalenessTracker:
         self._due_now: List[str] = []
         self._inverse_step: Optional[int] = None
         self._inverse_now: Dict[str, bool] = {}
+        self._bulk_skipped_step: Optional[int] = None
 
     @property
     def counts(self) -> StalenessCounts:
@@ -164,6 +165,20 @@ class StalenessTracker:
         else:
             self._counts.inverse_skipped += 1
         return result
+
+    def skip_all_inverses(self, step: int, names: Sequence[Any]) -> bool:
+        """FIXED policy: whether no inverse at all is due at ``step``; then ``names`` count as
+        inverse-skipped once for this step and per-statistic queries are unnecessary (the hot
+        path of steps with nothing to refresh). Always False under ADAPTIVE."""
+        if self.adaptive:
+            return False
+        every = resolve_interval("inv_update_interval", self._intervals.inv_update_interval, step)
+        if step % every == 0:
+            return False
+        if self._bulk_skipped_step != step:
+            self._bulk_skipped_step = step
+            self._counts.inverse_skipped += len(names)
+        return True
 
     def record_refresh(self, name: str, step: int, change: Optional[float]) -> None:
         """Adapt the interval of ``name`` after it was refreshed at ``step``.

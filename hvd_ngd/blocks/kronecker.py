@@ -95,7 +95,7 @@ class KroneckerBlock(CurvatureBlock):
             if diagonal:
                 return FactorInverse(self.method, eigvals=ops.maximum(x, 0.0))
             vals, vecs = scaled_eigh(ops, x)
-            return FactorInverse(self.method, eigvals=vals, eigvecs=vecs)
+            return FactorInverse(self.method, eigvals=vals, eigvecs=ops.flush_tiny(vecs, 1e-30))
         da, dg = damping_rules.cholesky_damping(
             ops, factors[self.a_key], factors[self.g_key], damping, self.pi_correction, a_is_diagonal=self.a_diagonal
         )
@@ -141,10 +141,13 @@ class KroneckerBlock(CurvatureBlock):
             return inverse.precondition_kronecker(ops, grad, a_inv, g_inv, damping)
         out_dtype = ops.dtype_name(grad)
         v = ops.cast(grad, ops.dtype_name(a_inv.eigvals))
-        v = ops.matmul(ops.transpose(g_inv.eigvecs), v)
+        # Linear in the gradient: work on g / max|g| so tiny gradients are not subnormal inside
+        # the matmuls (see ``engine.batched``).
+        scale = ops.maximum(ops.amax(ops.abs(v)), _TINY.get(ops.dtype_name(v), 1e-35))
+        v = ops.matmul(ops.transpose(g_inv.eigvecs), ops.flush_tiny(v / scale, 1e-30))
         if a_inv.eigvecs is not None:
             v = ops.matmul(v, a_inv.eigvecs)
         v = ops.matmul(g_inv.eigvecs, v * self.denominator(ops, a_inv, g_inv, damping))
         if a_inv.eigvecs is not None:
             v = ops.matmul(v, ops.transpose(a_inv.eigvecs))
-        return ops.cast(v, out_dtype)
+        return ops.cast(v * scale, out_dtype)

@@ -336,7 +336,7 @@ class Preconditioner:
         Returns:
             Preconditioned gradient matrices and the (averaged) other gradients.
         """
-        if not reduce_gradients or self.strategy.reduces_gradients:
+        if not reduce_gradients or self.strategy.reduces_gradients or self.world == 1:
             pgrads, reduced = self.step(grads, other_grads if reduce_gradients else [], hyperparameters, lr)
             return pgrads, reduced if reduce_gradients else list(other_grads)
         names = list(grads)

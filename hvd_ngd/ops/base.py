@@ -82,6 +82,13 @@ class ArrayOps(Protocol):
     def sum(self, x: Array, axis: int | None = None) -> Array:
         """Sum over ``axis`` (all axes when None)."""
 
+    def amax(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:
+        """Largest element over ``axis`` (an int, a tuple of ints, or None for all)."""
+
+    def flush_tiny(self, x: Array, threshold: float) -> Array:
+        """``x`` with the elements of magnitude below ``threshold`` set to 0 (keeps subnormal
+        numbers, which slow CPU arithmetic down, out of matmuls)."""
+
     def diag(self, x: Array) -> Array:
         """Diagonal of a matrix as a vector, or a diagonal matrix from a vector."""
 

@@ -57,6 +57,12 @@ class NumpyOps:
     def gather2d(self, x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         return x[rows, cols]
 
+    def amax(self, x: np.ndarray, axis: Any = None, keepdims: bool = False) -> np.ndarray:
+        return np.amax(x, axis=axis, keepdims=keepdims)
+
+    def flush_tiny(self, x: np.ndarray, threshold: float) -> np.ndarray:
+        return np.where(np.abs(x) < threshold, np.zeros_like(x), x)
+
     def index(self, values: Any, like: np.ndarray) -> np.ndarray:
         return np.asarray(values, dtype=np.int64)
 

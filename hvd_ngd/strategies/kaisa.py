@@ -38,9 +38,12 @@ class KAISAStrategy(DistributionStrategy):
         super().__init__(ctx)
         self.inflight: Dict[StatKey, Any] = {}
         self.pending: Dict[StatKey, Tuple[List[Any], bool]] = {}  # handles or tensors, remote
+        self._inverted = [k for n in ctx.layer_order for k in ctx.blocks[n].inverted]
 
     # ------------------------------------------------------------------ hook time
     def on_statistic(self, key: StatKey, value: Array) -> None:
+        if self.ctx.placement.world == 1:
+            return
         self.inflight[key] = self.ctx.comm.allreduce_async(
             self.ctx.codec.encode((key,), [value]), name=f"hvd_ngd.factor.{key}", average=True
         )
@@ -59,6 +62,8 @@ class KAISAStrategy(DistributionStrategy):
             return {}
         batch = {k: ctx.statistics.mean(k, step) for k in due}
         dtype = ops.dtype_name(batch[due[0]])
+        if ctx.placement.world == 1:  # nothing to average
+            return ctx.curvature.fold(due, [batch[k] for k in due])
         valid = {} if ctx.statistics.accumulated else early
         values: Dict[StatKey, Array] = {k: ctx.codec.decode((k,), valid[k], dtype)[0] for k in due if k in valid}
         late = [k for k in due if k not in valid]
@@ -86,6 +91,8 @@ class KAISAStrategy(DistributionStrategy):
         ctx = self.ctx
         ops, comm, pl, cur, state = ctx.ops, ctx.comm, ctx.placement, ctx.curvature, ctx.state
         self._swap_pending()
+        if not cur.forced_now and ctx.schedule.tracker.skip_all_inverses(state.steps, self._inverted):
+            return
         started: Dict[StatKey, Tuple[List[Any], bool]] = {}
         for layer in ctx.layer_order:
             block = ctx.blocks[layer]

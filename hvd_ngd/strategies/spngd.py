@@ -33,11 +33,14 @@ class SPNGDStrategy(DistributionStrategy):
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
         self._shapes: Optional[Dict[str, Tuple[int, ...]]] = None
+        self._sizes: Dict[str, int] = {}
+        self._inverted = [k for n in ctx.placement.owned[ctx.placement.rank] for k in ctx.blocks[n].inverted]
         self._scalar_index: Dict[Tuple[StatKey, ...], Tuple[Array, List[List[StatKey]]]] = {}
 
     def _layer_shapes(self, grads: Mapping[str, Array]) -> Dict[str, Tuple[int, ...]]:
         if self._shapes is None:
             self._shapes = {n: tuple(self.ctx.ops.shape(grads[n])) for n in self.ctx.layer_order}
+            self._sizes = {n: int(np.prod(s)) for n, s in self._shapes.items()}
         return self._shapes
 
     def _reduce_scatter(self, rows: List[Optional[Array]], lengths: List[int], like: Array, tag: str) -> Optional[Array]:
@@ -71,37 +74,45 @@ class SPNGDStrategy(DistributionStrategy):
 
         # 1. ReduceScatterV of due statistics and of gradients to their owners.
         changes: Dict[StatKey, Optional[Array]] = {}
+        single = world == 1  # nothing to communicate: skip packing and the collectives
         if due:
             batch = {k: ctx.statistics.mean(k, step) for k in due}
-            rows = [ctx.codec.encode(keys, [batch[k] for k in keys]) if keys else None for keys in due_by_rank]
-            wire_like = next(r for r in rows if r is not None)
-            lengths = [ctx.codec.wire_length(keys) for keys in due_by_rank]
-            mine = self._reduce_scatter(rows, lengths, wire_like, f"factors.s{step}")
             my_due = due_by_rank[rank]
-            if my_due:
-                values = ctx.codec.decode(my_due, mine, ops.dtype_name(batch[my_due[0]]))
-                changes = cur.fold(my_due, values)
-        sizes = {n: int(np.prod(shapes[n])) for n in ctx.layer_order}
-        rows = [ops.concat([ops.flatten(grads[n]) for n in pl.owned[r]], 0) if pl.owned[r] else None for r in range(world)]
-        mine = self._reduce_scatter(rows, [sum(sizes[n] for n in pl.owned[r]) for r in range(world)], like, f"grads.s{step}")
-        my_grads: Dict[str, Array] = {}
-        offset = 0
-        for name in pl.owned[rank]:
-            my_grads[name] = ops.reshape(mine[offset : offset + sizes[name]], shapes[name])
-            offset += sizes[name]
+            if single:
+                changes = cur.fold(my_due, [batch[k] for k in my_due])
+            else:
+                rows = [ctx.codec.encode(keys, [batch[k] for k in keys]) if keys else None for keys in due_by_rank]
+                wire_like = next(r for r in rows if r is not None)
+                lengths = [ctx.codec.wire_length(keys) for keys in due_by_rank]
+                mine = self._reduce_scatter(rows, lengths, wire_like, f"factors.s{step}")
+                if my_due:
+                    values = ctx.codec.decode(my_due, mine, ops.dtype_name(batch[my_due[0]]))
+                    changes = cur.fold(my_due, values)
+        sizes = self._sizes
+        if single:
+            my_grads: Dict[str, Array] = dict(grads)
+        else:
+            rows = [ops.concat([ops.flatten(grads[n]) for n in pl.owned[r]], 0) if pl.owned[r] else None for r in range(world)]
+            mine = self._reduce_scatter(rows, [sum(sizes[n] for n in pl.owned[r]) for r in range(world)], like, f"grads.s{step}")
+            my_grads = {}
+            offset = 0
+            for name in pl.owned[rank]:
+                my_grads[name] = ops.reshape(mine[offset : offset + sizes[name]], shapes[name])
+                offset += sizes[name]
         reduced_other = average_fused(ctx, list(other_grads), f"other.s{step}")
 
         # 2. Owners refresh inverses and precondition.
-        for name in pl.owned[rank]:
-            for key in ctx.blocks[name].inverted:
-                if key in state.factors and cur.inverse_due(key):
-                    state.inverses[key] = cur.compute_inverse(key)
         owned = pl.owned[rank]
+        if cur.forced_now or not ctx.schedule.tracker.skip_all_inverses(step, self._inverted):
+            for name in owned:
+                for key in ctx.blocks[name].inverted:
+                    if key in state.factors and cur.inverse_due(key):
+                        state.inverses[key] = cur.compute_inverse(key)
         pgrads, computed, vg_names, vg_pieces = cur.precondition(owned, my_grads)
 
         # 3. AllGatherV of preconditioned gradients, sum(v . g) per layer, statistic changes.
         order = {n: i for i, n in enumerate(vg_names)}
-        payload = [ops.flatten(pgrads[n]) for n in owned]
+        payload = [] if single else [ops.flatten(pgrads[n]) for n in owned]
         if owned:
             vg = ops.concat(vg_pieces, 0) if len(vg_pieces) > 1 else vg_pieces[0]
             if vg_names != owned:
@@ -111,6 +122,9 @@ class SPNGDStrategy(DistributionStrategy):
             payload.append(changes_vector(ctx, due_by_rank[rank], changes, like))
         if not payload:
             payload.append(ops.zeros((0,), like))
+        if single:
+            scalars = ops.to_numpy(ops.concat(payload, 0) if len(payload) > 1 else payload[0])  # the one read
+            return self._finish(pgrads, scalars, due_by_rank, my_grads, grads, reduced_other)
         gathered = ctx.comm.allgather(ops.concat(payload, 0), name=f"hvd_ngd.pgrads.s{step}")
 
         out: Dict[str, Array] = {}
@@ -124,10 +138,26 @@ class SPNGDStrategy(DistributionStrategy):
             scalar_positions.extend(range(offset, offset + count))
             offset += count
         scalars = ops.to_numpy(ops.take(gathered, self._index(due, scalar_positions, gathered)))  # the one read
+        return self._finish(out, scalars, due_by_rank, my_grads, grads, reduced_other)
+
+    def _finish(
+        self,
+        out: Dict[str, Array],
+        scalars: np.ndarray,
+        due_by_rank: List[List[StatKey]],
+        my_grads: Mapping[str, Array],
+        grads: Mapping[str, Array],
+        reduced_other: List[Array],
+    ) -> Tuple[Dict[str, Array], List[Array]]:
+        """Read back [sum(v . g) per owned layer, changes] of every rank: KL clipping,
+        non-finite layers and adaptive intervals, identically on every rank."""
+        ctx = self.ctx
+        pl, cur, step = ctx.placement, ctx.curvature, ctx.state.steps
+        adaptive = ctx.schedule.adaptive
         vg_total = 0.0
         bad: List[str] = []
         pos = 0
-        for r in range(world):
+        for r in range(pl.world):
             for name in pl.owned[r]:
                 value = float(scalars[pos])
                 pos += 1

@@ -77,6 +77,12 @@ class TFOps:
     def gather2d(self, x: tf.Tensor, rows: tf.Tensor, cols: tf.Tensor) -> tf.Tensor:
         return tf.gather_nd(x, self._pairs(rows, cols))
 
+    def amax(self, x: tf.Tensor, axis: Any = None, keepdims: bool = False) -> tf.Tensor:
+        return tf.reduce_max(x, axis=axis, keepdims=keepdims)
+
+    def flush_tiny(self, x: tf.Tensor, threshold: float) -> tf.Tensor:
+        return tf.where(tf.abs(x) < threshold, tf.zeros_like(x), x)
+
     def index(self, values: Any, like: tf.Tensor) -> tf.Tensor:
         return tf.constant(np.asarray(values, dtype=np.int64), dtype=tf.int64)
 

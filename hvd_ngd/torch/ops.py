@@ -68,6 +68,14 @@ class TorchOps:
     def gather2d(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return x[rows, cols]
 
+    def amax(self, x: torch.Tensor, axis: Any = None, keepdims: bool = False) -> torch.Tensor:
+        if axis is None:
+            return torch.amax(x) if not keepdims else torch.amax(x, dim=tuple(range(x.dim())), keepdim=True)
+        return torch.amax(x, dim=axis, keepdim=keepdims)
+
+    def flush_tiny(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        return x.masked_fill(x.abs() < threshold, 0.0)
+
     def index(self, values: Any, like: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.int64, device=like.device)
 

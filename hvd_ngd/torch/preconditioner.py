@@ -138,6 +138,7 @@ class KFAC:
         self.engine = Preconditioner([layer.spec for layer in self.layers], self.config, self.ops, self.comm)
         self._connected = False
         self._backward_seen = False
+        self._marker_armed = False
 
     def connect(self) -> None:
         """Run the collective part of the setup once per engine: compare layers and config across
@@ -157,6 +158,7 @@ class KFAC:
         """Drop the statistics captured since the last ``step()`` (e.g. a step interrupted by an
         elastic reset between ``loss.backward()`` and ``step()``); local."""
         self._backward_seen = False
+        self._marker_armed = False
         self.engine.discard_step()
 
     def is_current(self) -> bool:
@@ -174,16 +176,23 @@ class KFAC:
             with torch.no_grad():
                 a = capture.a_statistic(self.ops, layer.spec, layer.a_input(x.detach()), like=module.weight)
             self.engine.accumulate(layer.name, "A", a)
-        x_hat = layer.x_hat(output) if "F" in wanted else None
-        if output.requires_grad:
+        if not output.requires_grad:
+            return
+        if "G" in wanted or "F" in wanted:
+            x_hat = layer.x_hat(output) if "F" in wanted else None
             output.register_hook(functools.partial(self._output_grad_hook, layer, wanted, batch, x_hat))
+        elif not self._marker_armed or layer is self.layers[0]:
+            # nothing to capture: one hook per forward pass notes the backward pass
+            self._marker_armed = True
+            output.register_hook(self._backward_marker)
+
+    def _backward_marker(self, grad: torch.Tensor) -> None:
+        self._backward_seen = True
 
     def _output_grad_hook(
         self, layer: TorchLayer, wanted: set, batch: int, x_hat: Optional[torch.Tensor], grad: torch.Tensor
     ) -> None:
         self._backward_seen = True
-        if not wanted & {"G", "F"}:
-            return
         scale = float(batch) if self.config.loss_reduction is LossReduction.MEAN else 1.0
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             scale /= float(self.grad_scaler.get_scale())
@@ -240,6 +249,7 @@ class KFAC:
                 if g is not p.grad:
                     p.grad.copy_(g)
         self._backward_seen = False
+        self._marker_armed = False
 
     @property
     def steps(self) -> int:

@@ -167,10 +167,22 @@ def test_grad_scaler_factors_in_unscaled_units() -> None:
 
 
 class RecordingCommunicator(SingleProcessCommunicator):
-    """Records which collectives run, and when."""
+    """Records which collectives run, and when: rank 0 of a 2-rank world whose other rank
+    sends exactly what this one sends (a 1-rank world has nothing to send)."""
+
+    size = 2
 
     def __init__(self) -> None:
         self.calls = []
+
+    def allgather(self, x, *, name):
+        return torch.cat([x, x], 0)
+
+    def allgather_object(self, obj, *, name):
+        return [obj, obj]
+
+    def reducescatter(self, x, *, name, average=True):
+        return x[0]
 
     def allreduce_async(self, x, *, name, average=True):
         self.calls.append(("allreduce_async", name))
