@@ -168,6 +168,20 @@ class KFACConfig:
         if not all(isinstance(p, str) for p in self.skip_layers):
             raise _bad("skip_layers", self.skip_layers, "a sequence of regular-expression strings")
 
+    def require_gradient_reduction(self, reduce_gradients: bool, fix: str) -> None:
+        """SP-NGD reduce-scatters local gradients itself, so it needs the adapter to hand it
+        local (not Horovod-averaged) gradients and let the engine reduce them.
+
+        Args:
+            reduce_gradients: whether the adapter lets the engine average gradients.
+            fix: how to fix it with this adapter, for the message.
+
+        Raises:
+            ValueError: strategy 'spngd' without gradient reduction.
+        """
+        if self.strategy is Strategy.SPNGD and not reduce_gradients:
+            raise ValueError(f"strategy='spngd' reduce-scatters gradients itself: {fix}")
+
     def grad_workers(self, world_size: int) -> int:
         """Number of gradient workers per KAISA group for ``world_size`` ranks.
 

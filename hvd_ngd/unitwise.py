@@ -12,6 +12,13 @@ from typing import Tuple
 from hvd_ngd.ops.base import Array, ArrayOps
 
 
+def normalized_input(ops: ArrayOps, y: Array, gamma: Array, beta: Array) -> Array:
+    """x_hat = (y - beta) / gamma of a normalization layer's output y in the (N, C, L) layout,
+    0 for channels whose gamma is 0 (their x_hat cannot be recovered; dL/dgamma then uses 0)."""
+    c = ops.shape(gamma)[0]
+    return (y - ops.reshape(beta, (1, c, 1))) * ops.reshape(ops.safe_reciprocal(gamma), (1, c, 1))
+
+
 def unitwise_per_sample_grads(ops: ArrayOps, x_hat: Array, g: Array, grad_scale: float = 1.0) -> Tuple[Array, Array]:
     """Per-sample (dgamma, dbeta), each (N, C), from x_hat and output gradients (N, C, L)."""
     dgamma = ops.sum(g * x_hat, 2) * grad_scale

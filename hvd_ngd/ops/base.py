@@ -89,6 +89,9 @@ class ArrayOps(Protocol):
         """``x`` with the elements of magnitude below ``threshold`` set to 0 (keeps subnormal
         numbers, which slow CPU arithmetic down, out of matmuls)."""
 
+    def safe_reciprocal(self, x: Array) -> Array:
+        """1 / x elementwise, 0 where x == 0."""
+
     def diag(self, x: Array) -> Array:
         """Diagonal of a matrix as a vector, or a diagonal matrix from a vector."""
 

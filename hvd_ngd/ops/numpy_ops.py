@@ -63,6 +63,10 @@ class NumpyOps:
     def flush_tiny(self, x: np.ndarray, threshold: float) -> np.ndarray:
         return np.where(np.abs(x) < threshold, np.zeros_like(x), x)
 
+    def safe_reciprocal(self, x: np.ndarray) -> np.ndarray:
+        safe = np.where(x == 0, np.ones_like(x), x)
+        return np.where(x == 0, np.zeros_like(x), 1.0 / safe)
+
     def index(self, values: Any, like: np.ndarray) -> np.ndarray:
         return np.asarray(values, dtype=np.int64)
 

@@ -24,8 +24,12 @@ from typing import Any, List, Optional, Tuple
 
 import tensorflow as tf
 
+from hvd_ngd import unitwise
 from hvd_ngd.enums import LayerKind
 from hvd_ngd.layer_spec import LayerSpec
+from hvd_ngd.tensorflow.ops import TFOps
+
+_OPS = TFOps()
 
 keras = tf.keras
 
@@ -191,11 +195,9 @@ class NormLayer(KerasLayer):
 
     def x_hat(self, y: tf.Tensor) -> tf.Tensor:
         """Normalized input recovered from the output y, in (N, C, L)."""
-        gamma = tf.reshape(tf.cast(self.layer.gamma, y.dtype), (1, -1, 1))
-        beta = tf.reshape(tf.cast(self.layer.beta, y.dtype), (1, -1, 1))
-        zero = gamma == 0
-        x_hat = (self.to_ncl(y) - beta) / tf.where(zero, tf.ones_like(gamma), gamma)
-        return tf.where(zero, tf.zeros_like(x_hat), x_hat)
+        gamma = tf.cast(self.layer.gamma, y.dtype)
+        beta = tf.cast(self.layer.beta, y.dtype)
+        return unitwise.normalized_input(_OPS, self.to_ncl(y), gamma, beta)
 
     def g_output(self, g: tf.Tensor) -> tf.Tensor:
         return self.to_ncl(g)

@@ -83,6 +83,10 @@ class TFOps:
     def flush_tiny(self, x: tf.Tensor, threshold: float) -> tf.Tensor:
         return tf.where(tf.abs(x) < threshold, tf.zeros_like(x), x)
 
+    def safe_reciprocal(self, x: tf.Tensor) -> tf.Tensor:
+        zero = tf.equal(x, 0)
+        return tf.where(zero, tf.zeros_like(x), 1.0 / tf.where(zero, tf.ones_like(x), x))
+
     def index(self, values: Any, like: tf.Tensor) -> tf.Tensor:
         return tf.constant(np.asarray(values, dtype=np.int64), dtype=tf.int64)
 

@@ -34,7 +34,7 @@ from hvd_ngd import capture
 from hvd_ngd.communicator import Communicator
 from hvd_ngd.config import KFACConfig
 from hvd_ngd.consistency import check_consistent
-from hvd_ngd.enums import LossReduction, Strategy
+from hvd_ngd.enums import LossReduction
 from hvd_ngd.preconditioner import Preconditioner
 from hvd_ngd.registration import register_layers
 from hvd_ngd.tensorflow.layers import KerasLayer, NormLayer, Record, make_layer
@@ -105,11 +105,11 @@ class KFAC:
         **config: Any,
     ) -> None:
         self.config = KFACConfig(**config)
-        if self.config.strategy is Strategy.SPNGD and not reduce_gradients:
-            raise ValueError(
-                "strategy='spngd' reduce-scatters gradients itself: pass reduce_gradients=True with a plain "
-                "tf.GradientTape (or use hvd_ngd.tensorflow.keras.DistributedOptimizer)"
-            )
+        self.config.require_gradient_reduction(
+            reduce_gradients,
+            "pass reduce_gradients=True with a plain tf.GradientTape (or use "
+            "hvd_ngd.tensorflow.keras.DistributedOptimizer)",
+        )
         if not getattr(model, "built", False):
             raise ValueError(f"model {model.name!r} is not built: call it once or give it an Input before KFAC")
         if communicator is None:

@@ -14,8 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hvd_ngd import unitwise
 from hvd_ngd.enums import LayerKind
 from hvd_ngd.layer_spec import LayerSpec
+from hvd_ngd.torch.ops import TorchOps
+
+
+_OPS = TorchOps()
 
 
 class UnsupportedLayerError(ValueError):
@@ -133,12 +138,7 @@ class UnitwiseLayer(TorchLayer):
 
     def x_hat(self, output: torch.Tensor) -> torch.Tensor:
         """Normalized input recovered from the output, in the (N, C, L) layout."""
-        w = self.module.weight.detach()
-        b = self.module.bias.detach()
-        safe = torch.where(w == 0, torch.ones_like(w), w)
-        y = self.to_ncl(output.detach())
-        x_hat = (y - b.reshape(1, -1, 1)) / safe.reshape(1, -1, 1)
-        return torch.where((w == 0).reshape(1, -1, 1), torch.zeros_like(x_hat), x_hat)
+        return unitwise.normalized_input(_OPS, self.to_ncl(output.detach()), self.module.weight.detach(), self.module.bias.detach())
 
     def to_ncl(self, t: torch.Tensor) -> torch.Tensor:
         """(N, C, L) view of an output-shaped tensor."""

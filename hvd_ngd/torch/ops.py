@@ -76,6 +76,10 @@ class TorchOps:
     def flush_tiny(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
         return x.masked_fill(x.abs() < threshold, 0.0)
 
+    def safe_reciprocal(self, x: torch.Tensor) -> torch.Tensor:
+        zero = x == 0
+        return torch.where(zero, torch.zeros_like(x), 1.0 / torch.where(zero, torch.ones_like(x), x))
+
     def index(self, values: Any, like: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.int64, device=like.device)
 

@@ -13,8 +13,9 @@ from hvd_ngd import capture
 from hvd_ngd.communicator import Communicator
 from hvd_ngd.config import KFACConfig
 from hvd_ngd.consistency import check_consistent
-from hvd_ngd.enums import LossReduction, Strategy
+from hvd_ngd.enums import LossReduction
 from hvd_ngd.registration import register_layers
+from hvd_ngd.stale import StalenessCounts
 from hvd_ngd.preconditioner import Preconditioner
 from hvd_ngd.torch.layers import TorchLayer, make_layer
 from hvd_ngd.torch.ops import TorchOps
@@ -80,11 +81,11 @@ class KFAC:
         **config: Any,
     ) -> None:
         self.config = KFACConfig(**config)
-        if self.config.strategy is Strategy.SPNGD and not reduce_gradients:
-            raise ValueError(
-                "strategy='spngd' reduce-scatters gradients itself: use hvd_ngd.torch.DistributedOptimizer, "
-                "or KFAC(..., reduce_gradients=True) with a plain (non-Horovod) optimizer"
-            )
+        self.config.require_gradient_reduction(
+            reduce_gradients,
+            "use hvd_ngd.torch.DistributedOptimizer, or KFAC(..., reduce_gradients=True) with a plain "
+            "(non-Horovod) optimizer",
+        )
         self.model = model
         self.reduce_gradients = reduce_gradients
         self.grad_scaler = grad_scaler
@@ -256,13 +257,33 @@ class KFAC:
         """Number of preconditioned steps so far."""
         return self.engine.steps
 
+    def set_hyperparameters(self, **values: Any) -> None:
+        """Change ``lr``, ``damping``, ``factor_decay``, ``kl_clip``, ``factor_update_interval``
+        or ``inv_update_interval`` between steps (a schedule); every rank must do the same.
+
+        Raises:
+            ValueError: an unknown or unschedulable name, or an invalid value (named).
+        """
+        self.engine.set_hyperparameters(**values)
+
+    @property
+    def hyperparameters(self) -> Dict[str, Any]:
+        """The current scheduled hyperparameters."""
+        return self.engine.scheduled_hyperparameters()
+
+    @property
+    def statistics_counts(self) -> StalenessCounts:
+        """Statistic and inverse computations done and skipped so far (stale statistics)."""
+        return self.engine.tracker.counts
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """Running factors, inverses and stale-statistics state of this rank."""
+        """The complete K-FAC state, gathered from every rank (a collective: call it on every
+        rank); loads on any world size and strategy-compatible configuration."""
         return {"engine": self.engine.state_dict(), "config": self.config.describe()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore ``state_dict`` output (same layers, world size and strategy)."""
+        """Restore ``state_dict`` output (same layers and inverse method; any world size)."""
         like = next(iter(self.layers)).module.weight
         self.engine.load_state_dict(state["engine"], like=like)
 
