@@ -25,22 +25,27 @@ from hvd_ngd.layer_spec import LayerSpec
 from hvd_ngd.ops.base import Array, ArrayOps
 
 _TINY = {"float32": 1e-35, "float64": 1e-300}
+_SHIFT = 1e-6  # relative to the mean eigenvalue; subtracted from the eigenvalues afterwards
 
 
 def scaled_eigh(ops: ArrayOps, x: Array) -> Tuple[Array, Array]:
     """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD matrix, computed on
-    ``x / (trace(x) / n)`` and rescaled (float64 retry when the float32 solver fails)."""
+    ``x / (trace(x) / n) + shift I`` and mapped back (float64 retry when the solver raises)."""
     n = ops.shape(x)[0]
     dtype = ops.dtype_name(x)
     scale = ops.maximum(ops.trace(x) / float(n), _TINY.get(dtype, 1e-35))
+    # A relative shift of the spectrum (removed again below) keeps the solver away from the
+    # exactly singular blocks that dead units produce (zero rows and columns): float32 LAPACK
+    # eigh returned NaN eigenvectors without raising on such a factor of a 40-layer ReLU MLP.
+    shifted = x / scale + ops.eye(n, x) * _SHIFT
     try:
-        vals, vecs = ops.eigh(x / scale)
+        vals, vecs = ops.eigh(shifted)
     except Exception:  # noqa: BLE001 - the backend's convergence failure; retry wider once
         if dtype == "float64":
             raise
-        vals, vecs = ops.eigh(ops.cast(x / scale, "float64"))
+        vals, vecs = ops.eigh(ops.cast(shifted, "float64"))
         vals, vecs = ops.cast(vals, dtype), ops.cast(vecs, dtype)
-    return ops.maximum(vals, 0.0) * scale, vecs
+    return ops.maximum(vals - _SHIFT, 0.0) * scale, vecs
 
 
 class KroneckerBlock(CurvatureBlock):
