@@ -178,10 +178,10 @@ def test_sync_checks_registers_and_shares_rank0_state() -> None:
     comm.size, comm.rank = 4, 2
     comm.objects.clear()
     handler.reset()
-    assert kfac.engine.world == 4 and kfac.engine.rank == 2 and kfac.config.lr == 0.05
-    kfac.config.lr = 0.1  # a joining worker's own value
+    assert kfac.engine.world == 4 and kfac.engine.rank == 2 and kfac.hyperparameters["lr"] == 0.05
+    kfac.set_hyperparameters(lr=0.1)  # a joining worker's own value
     handler.sync()
-    assert kfac.config.lr == 0.05, "runtime hyperparameters must come with rank 0's committed state"
+    assert kfac.hyperparameters["lr"] == 0.05, "runtime hyperparameters must come with rank 0's committed state"
     assert "hvd_ngd.consistency" in comm.objects, "sync must compare layers and config across ranks"
     assert comm.registered[-1] == [(0, 1), (2, 3), (0, 2), (1, 3)], comm.registered[-1]
 
