@@ -95,6 +95,11 @@ class KFACConfig:
             (step count, lr, damping, decay, KL clip, intervals, and the optimizer's values the
             adapter adds) with one small allgather and raise on a difference (>= 0; 0 disables;
             a world of one rank never checks).
+        skip_nonfinite_steps: when any rank's gradients are not finite (a NaN in one rank's
+            batch), every rank skips the step's update and folds none of its factors, warns
+            with the ranks and the step, and counts it (``Preconditioner.skipped_steps``), as
+            ``GradScaler`` does. The flag travels in the consistency allgather (no extra
+            collective at checked steps; otherwise one 1-element allreduce).
     """
 
     lr: float = 0.1
@@ -122,6 +127,7 @@ class KFACConfig:
     fusion_threshold_bytes: int = 64 * 1024 * 1024
     max_damping: float = 1.0
     consistency_check_interval: int = 1
+    skip_nonfinite_steps: bool = True
 
     def __post_init__(self) -> None:
         self.interval_policy = _coerce_enum("interval_policy", self.interval_policy, IntervalPolicy)
@@ -159,7 +165,7 @@ class KFACConfig:
         _check_range("adaptive_growth", self.adaptive_growth, 1.0, math.inf, lo_open=True, hi_open=True)
         _check_range("grad_worker_fraction", self.grad_worker_fraction, 0.0, 1.0, lo_open=True)
         _check_range("max_damping", self.max_damping, self.damping, math.inf, hi_open=True)
-        for flag in ("pi_correction", "symmetric_packing", "stale_inverse"):
+        for flag in ("pi_correction", "symmetric_packing", "stale_inverse", "skip_nonfinite_steps"):
             if not isinstance(getattr(self, flag), bool):
                 raise _bad(flag, getattr(self, flag), "a bool")
         if isinstance(self.skip_layers, str):

@@ -68,6 +68,7 @@ def check_hyperparameters(
     step: int,
     like: Array = None,
     shared_max: Optional[Mapping[str, float]] = None,
+    device_value: Array = None,
 ) -> Dict[str, float]:
     """Compare this step's hyperparameter values across ranks with one small allgather.
 
@@ -84,9 +85,12 @@ def check_hyperparameters(
         shared_max: values that may legitimately differ between ranks and are agreed on by
             taking the largest (per-layer damping, which only the ranks that precondition a
             layer escalate); sent in the same allgather, never compared.
+        device_value: a 0-d tensor computed on the device (no host read before sending),
+            e.g. a finiteness indicator of the local gradients; returned for every rank under
+            ``"device_value.r<rank>"``, never compared.
 
     Returns:
-        ``shared_max``'s names with the largest value any rank sent.
+        ``shared_max``'s names with the largest value any rank sent (and the device values).
 
     Raises:
         RankMismatchError: on every rank, naming each differing value and the ranks' values.
@@ -95,9 +99,16 @@ def check_hyperparameters(
     names = list(values)
     mine = np.array([[float(values[n]) for n in names] + [float(shared[n]) for n in shared]], dtype=np.float64)
     sent = ops.from_numpy(mine, like=like)
+    width = len(names) + len(shared)
+    if device_value is not None:
+        column = ops.reshape(ops.cast(device_value, "float64"), (1, 1))
+        sent = ops.concat([sent, column], 1)
+        width += 1
     table = np.asarray(ops.to_numpy(comm.allgather(sent, name="hvd_ngd.consistency.hyperparameters")))
-    table = table.reshape(comm.size, len(names) + len(shared))
+    table = table.reshape(comm.size, width)
     merged = {n: float(table[:, len(names) + j].max()) for j, n in enumerate(shared)}
+    if device_value is not None:
+        merged.update({f"device_value.r{r}": float(table[r, -1]) for r in range(comm.size)})
     table = table[:, : len(names)]
     diffs = [
         (name, [float(v) for v in table[:, j]])

@@ -19,6 +19,8 @@ weight_grad^T); unit-wise layers use (2, C) = [grad_gamma; grad_beta].
 from __future__ import annotations
 
 import collections.abc
+import math
+import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 from hvd_ngd import consistency
@@ -37,6 +39,15 @@ from hvd_ngd.layer_spec import LayerSpec
 from hvd_ngd.ops.base import Array, ArrayOps
 from hvd_ngd.strategies import make_strategy
 from hvd_ngd.strategies.base import EngineContext, average_fused
+
+
+class NonFiniteGradientWarning(RuntimeWarning):
+    """Some rank's gradients were not finite: every rank skipped the step's update."""
+
+
+def ops_reshape(ops: ArrayOps, x: Array) -> Array:
+    """A 0-d tensor as a 1-element vector (collectives need at least one dimension)."""
+    return ops.reshape(x, (1,))
 
 
 class FactorView(collections.abc.MutableMapping):
@@ -111,6 +122,11 @@ class Preconditioner:
             ),
         )
         self._checked_step = -1  # the step whose hyperparameters were last compared
+        self._pending_flag: Optional[Array] = None  # this step's gradient finiteness indicator
+        self._flag_step = -1
+        self._nonfinite_ranks: List[int] = []
+        self.skips: List[Tuple[int, List[int]]] = []  # (step, ranks) of skipped steps
+        self.last_step_skipped = False
 
     def _on_first_statistic(self, key: StatKey, value: Array) -> None:
         self.strategy.on_statistic(key, value)
@@ -254,12 +270,70 @@ class Preconditioner:
         # Per-layer damping is escalated only where a layer is preconditioned (its SP-NGD owner
         # or KAISA gradient workers): the same allgather shares the largest value with every rank.
         shared = {f"layer_damping.{n}": d for n, d in self.state.layer_damping.items()}
+        flag = self._pending_flag
         merged = consistency.check_hyperparameters(
-            self.comm, self.ops, self.hyperparameters(extra), steps, like, shared_max=shared
+            self.comm, self.ops, self.hyperparameters(extra), steps, like, shared_max=shared, device_value=flag
         )
         for n in self.state.layer_damping:
             self.state.layer_damping[n] = merged[f"layer_damping.{n}"]
+        if flag is not None:
+            self._nonfinite_ranks = [r for r in range(self.world) if not math.isfinite(merged[f"device_value.r{r}"])]
+            self._pending_flag = None
+            self._flag_step = steps
         self._checked_step = steps
+
+    # ------------------------------------------------------------------ non-finite gradients
+    def _set_gradient_flag(self, grads: Sequence[Array]) -> None:
+        """Compute this rank's gradient finiteness indicator on the device (0 or NaN), to be
+        sent with the step's consistency allgather."""
+        if not self.config.skip_nonfinite_steps or self._flag_step == self.state.steps or not grads:
+            return
+        ops = self.ops
+        total = ops.sum(ops.stack([ops.sum(ops.cast(g, "float64" if ops.dtype_name(g) == "float64" else "float32")) for g in grads], 0))
+        self._pending_flag = total - total  # NaN exactly when some gradient entry is not finite
+
+    def _nonfinite_step(self) -> List[int]:
+        """Ranks whose gradients were not finite at this step (every rank gets the same list).
+        Decided by the step's consistency check when it ran, else here (world 1: one host
+        read; more ranks: one 1-element allreduce, which cannot tell which rank)."""
+        if not self.config.skip_nonfinite_steps:
+            return []
+        if self._pending_flag is None:
+            return self._nonfinite_ranks if self._flag_step == self.state.steps else []
+        flag, self._pending_flag = self._pending_flag, None
+        self._flag_step = self.state.steps
+        if self.world > 1:
+            flag = self.comm.allreduce(ops_reshape(self.ops, flag), name=f"hvd_ngd.finite.s{self.state.steps}", average=False)
+            bad = not math.isfinite(self.ops.to_float(self.ops.sum(flag)))
+            self._nonfinite_ranks = list(range(self.world)) if bad else []
+        else:
+            self._nonfinite_ranks = [0] if not math.isfinite(self.ops.to_float(flag)) else []
+        return self._nonfinite_ranks
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because some rank's gradients were not finite."""
+        return len(self.skips)
+
+    def _skip_step(self, ranks: List[int]) -> None:
+        self.skips.append((self.state.steps, list(ranks)))
+        self.last_step_skipped = True
+        if len(ranks) < self.world or self.world == 1:
+            who = "non-finite gradients on rank(s) " + ", ".join(str(r) for r in ranks)
+        elif self.strategy.reduces_gradients:
+            who = "non-finite gradients on some rank"
+        else:
+            who = "non-finite gradients (averaged over ranks by Horovod: the rank is not known)"
+        warnings.warn(
+            f"hvd_ngd: {who} at step {self.state.steps}: every rank skips this update "
+            f"and folds none of its statistics ({self.skipped_steps} step(s) skipped so far)",
+            NonFiniteGradientWarning,
+            stacklevel=3,
+        )
+        self.statistics.clear()
+        self.strategy.discard(wait=True)
+        self.curvature.end_step()
+        self._checked_step = self._flag_step = -1  # the same step number comes again
 
     # ------------------------------------------------------------------ the step
     def checked(self, layers: Sequence[str], pgrads: Dict[str, Array], grads: Mapping[str, Array]) -> None:
@@ -303,8 +377,14 @@ class Preconditioner:
             raise ValueError(f"step() got no gradient for registered layers {missing}")
         if lr is not None and lr != self.schedule.values.lr:
             self.schedule.set(lr=float(lr))
+        self.last_step_skipped = False
+        self._set_gradient_flag(list(grads.values()) + list(other_grads))
         if self.layer_order:
             self.check_hyperparameters(hyperparameters, like=grads[self.layer_order[0]])
+        bad = self._nonfinite_step()
+        if bad:
+            self._skip_step(bad)
+            return dict(grads), list(other_grads)
         self.curvature.forced_now, self.state.force_inverse = set(self.state.force_inverse), set()
         try:
             result = self.strategy.step(grads, other_grads)
@@ -340,7 +420,10 @@ class Preconditioner:
             pgrads, reduced = self.step(grads, other_grads if reduce_gradients else [], hyperparameters, lr)
             return pgrads, reduced if reduce_gradients else list(other_grads)
         names = list(grads)
+        self._set_gradient_flag(list(grads.values()) + list(other_grads))
         self.check_hyperparameters(hyperparameters, like=grads[names[0]] if names else None)
+        if self._nonfinite_step():  # skipped before the gradients are averaged
+            return self.step(grads, other_grads, hyperparameters, lr)
         reduced = average_fused(self.strategy.ctx, [grads[n] for n in names] + list(other_grads), f"grads.s{self.steps}")
         pgrads, _ = self.step(dict(zip(names, reduced[: len(names)])), hyperparameters=hyperparameters, lr=lr)
         return pgrads, reduced[len(names) :]

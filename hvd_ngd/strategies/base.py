@@ -67,8 +67,9 @@ class DistributionStrategy(abc.ABC):
             Preconditioned (KL-clipped) gradient matrices on every rank, and the other gradients.
         """
 
-    def discard(self) -> None:
-        """Drop what was started for a step that will not be taken. Default: nothing."""
+    def discard(self, wait: bool = False) -> None:
+        """Drop what was started for a step that will not be taken (``wait``: complete its
+        collectives first, when every rank skips the step alike). Default: nothing."""
 
     def pending_inverses(self) -> Dict[StatKey, List[Array]]:
         """Inverses computed but not yet installed (stale-inverse mode), completed. Default: none."""

@@ -48,7 +48,10 @@ class KAISAStrategy(DistributionStrategy):
             self.ctx.codec.encode((key,), [value]), name=f"hvd_ngd.factor.{key}", average=True
         )
 
-    def discard(self) -> None:
+    def discard(self, wait: bool = False) -> None:
+        if wait:
+            for handle in self.inflight.values():
+                self.ctx.comm.wait(handle)
         self.inflight.clear()
 
     # ------------------------------------------------------------------ factors

@@ -205,8 +205,13 @@ class KFAC:
                 self.engine.accumulate(layer.name, "F", capture.f_statistic(self.ops, layer.spec, x_hat, g, scale))
 
     # ------------------------------------------------------------------ step
-    def step(self, lr: Optional[float] = None, hyperparameters: Optional[Mapping[str, float]] = None) -> None:
+    def step(self, lr: Optional[float] = None, hyperparameters: Optional[Mapping[str, float]] = None) -> bool:
         """Precondition the registered layers' gradients in place.
+
+        Returns True, or False when the step was skipped because some rank's gradients were not
+        finite (``skip_nonfinite_steps``, on by default): then every parameter's ``.grad`` is
+        set to None on every rank, so a following ``optimizer.step()`` changes nothing, and the
+        step's statistics are dropped (``kfac.skipped_steps`` counts such steps).
 
         Args:
             lr: current learning rate for KL clipping (defaults to the configured ``lr``).
@@ -243,6 +248,14 @@ class KFAC:
         pgrads, others_out = self.engine.reduce_and_step(
             grads, others, self.reduce_gradients, hyperparameters, lr=None if lr is None else float(lr)
         )
+        if self.engine.last_step_skipped:
+            # Some rank's gradients were not finite: drop every gradient, so that the optimizer's
+            # step() leaves the parameters (and its momentum) alone on every rank.
+            for p in self.model.parameters():
+                p.grad = None
+            self._backward_seen = False
+            self._marker_armed = False
+            return False
         with torch.no_grad():
             for layer in self.layers:
                 layer.set_grad_matrix(pgrads[layer.name])
@@ -251,6 +264,12 @@ class KFAC:
                     p.grad.copy_(g)
         self._backward_seen = False
         self._marker_armed = False
+        return True
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because some rank's gradients were not finite."""
+        return self.engine.skipped_steps
 
     @property
     def steps(self) -> int:

@@ -41,6 +41,7 @@ BAD = {
     "symmetric_packing": [0, "true"],
     "wire_dtype": ["fp16", "float64", "bfloat16"],
     "stale_inverse": [1, None],
+    "skip_nonfinite_steps": [1, None],
     "skip_layers": [(1, 2), ["conv", None]],
     "fusion_threshold_bytes": [-1, 1.5, None],
     "max_damping": [1e-4, math.nan],  # below the default damping 1e-3
