@@ -117,35 +117,53 @@ def _choose_layouts(
             options[i.size] = [(k, costs.block(-(-i.size // k), False, i.statistic))
                                for k in range(1, policy.max_blocks_for(i.size) + 1)]
 
-    def layouts_for(tau: float) -> Dict[Tuple[str, str], BlockLayout]:
+    def layouts_for(tau: float) -> Tuple[Dict[Tuple[str, str], BlockLayout], float]:
+        """Layouts of threshold tau, and the largest block of a factor that could be cut further."""
         out = dict(whole)
+        open_max = 0.0
         for i in items:
             if i.splittable:
-                k = next((k for k, c in options[i.size] if c <= tau), options[i.size][-1][0])
-                if k > 1:
-                    out[(i.layer, i.statistic)] = block_layout(i.size, k)
-        return out
+                opts = options[i.size]
+                j = next((j for j, (_, c) in enumerate(opts) if c <= tau), len(opts) - 1)
+                if opts[j][0] > 1:
+                    out[(i.layer, i.statistic)] = block_layout(i.size, opts[j][0])
+                if j < len(opts) - 1:
+                    open_max = max(open_max, opts[j][1])
+        return out, open_max
 
     taus = sorted({c for opts in options.values() for _, c in opts}, reverse=True)
-    scored = []
-    ceiling = math.inf  # thresholds in [tau, ceiling) all give the layouts of tau
-    for tau in [math.inf] + taus:
-        layouts = layouts_for(tau)
-        units, _ = _units(items, layouts, costs, split_factors, named=False)
-        fair = sum(u[0] for u in units) / world_size
-        if ceiling < policy.min_share * fair:
-            break  # every threshold giving these blocks is below the fair share: they only shed work
-        estimate = max(max((u[0] for u in units), default=0.0), fair)
-        scored.append((estimate, tau, layouts))
-        ceiling = tau
-    best_estimate = min(s[0] for s in scored)
-    shortlist = sorted((s for s in scored if s[0] <= 1.5 * best_estimate), key=lambda s: s[0])[:24]
-    evaluated = []
-    for _, tau, layouts in shortlist:
-        units, _ = _units(items, layouts, costs, split_factors, named=False)
-        evaluated.append((max(_lpt(units, world_size)[1]), tau, layouts))
-    best = min(e[0] for e in evaluated)
-    return max((e for e in evaluated if e[0] <= (1.0 + policy.tolerance) * best), key=lambda e: e[1])[2]
+
+    def best_for(share: float):
+        """(makespan / lower bound, layouts) of the best plan among the thresholds from no
+        splitting down to the first whose cuttable blocks are all within share * fair."""
+        scored = []
+        for tau in [math.inf] + taus:
+            layouts, open_max = layouts_for(tau)
+            units, _ = _units(items, layouts, costs, split_factors, named=False)
+            fair = sum(u[0] for u in units) / world_size
+            estimate = max(max((u[0] for u in units), default=0.0), fair)
+            scored.append((estimate, tau, layouts, units))
+            if open_max <= share * fair:
+                break  # balanced enough: smaller blocks would only shed work (and accuracy)
+        best_estimate = min(s[0] for s in scored)
+        shortlist = sorted((s for s in scored if s[0] <= 1.5 * best_estimate), key=lambda s: s[0])[:24]
+        evaluated = []
+        for _, tau, layouts, units in shortlist:
+            makespan = max(_lpt(units, world_size)[1])
+            bound = max(max((u[0] for u in units), default=0.0), sum(u[0] for u in units) / world_size)
+            evaluated.append((makespan, tau, layouts, makespan / bound if bound > 0 else 1.0))
+        best = min(e[0] for e in evaluated)
+        pick = max((e for e in evaluated if e[0] <= (1.0 + policy.tolerance) * best), key=lambda e: e[1])
+        return pick[3], pick[2]
+
+    share = policy.min_share
+    ratio, layouts = best_for(share)
+    for _ in range(3):  # bin-packing granularity (e.g. 48 equal factors on 32 ranks): cut finer
+        if ratio <= policy.max_ratio:
+            break
+        share /= 2
+        ratio, layouts = best_for(share)
+    return layouts
 
 
 def assign(

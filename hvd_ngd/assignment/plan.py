@@ -126,6 +126,20 @@ class AssignmentPlan:
         """The statistic blocks ``rank`` inverts, sorted by key."""
         return sorted((t for t in self.tasks if t.owner == rank), key=lambda t: t.key)
 
+    def statistic_elements(self, packed: bool = True) -> int:
+        """Elements of all statistic blocks (what a factor allreduce sends once, per rank): a
+        dense block of side s is s(s+1)/2 packed (s^2 not), a diagonal factor its side, the
+        unit-wise F blocks 3 per unit. Splitting keeps only the diagonal blocks."""
+        total = 0
+        for t in self.tasks:
+            if t.key.statistic == "F":
+                total += 3 * t.size
+            elif t.diagonal:
+                total += t.size
+            else:
+                total += t.size * (t.size + 1) // 2 if packed else t.size * t.size
+        return total
+
     def split_statistics(self) -> Dict[Tuple[str, str], int]:
         """(layer, statistic) -> number of blocks, for the statistics cut into more than one."""
         return {key: lay.k for key, lay in self.layouts.items() if lay.k > 1}

@@ -2,7 +2,7 @@
 
 ``calibrate`` times decompositions (``ArrayOps.eigh`` or ``cholesky_inverse``) of random SPD
 matrices and block-Kronecker preconditioning (``blocks.precondition_block_kronecker``, k = 1 and
-k = 4) per size, each the fastest of a few repeats, and fits the coefficients by non-negative
+k = 4, square and 1:4) and unit-wise 2x2 solves (16 n units) per size, each the fastest of a few repeats, and fits the coefficients by non-negative
 least squares on relative error (every size counts alike). ``calibrate_collective`` times
 allreduces on a communicator. ``load_or_calibrate`` reuses a cached model when the file's
 fingerprint (backend, device, dtype, method, machine, library versions) matches.
@@ -25,6 +25,7 @@ from hvd_ngd.costs.model import CostModel
 from hvd_ngd.enums import InverseMethod
 from hvd_ngd.inverse import FactorInverse
 from hvd_ngd.ops.base import Array, ArrayOps
+from hvd_ngd.unitwise import unitwise_precondition
 
 DEFAULT_SIZES: Tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
 CACHE_VERSION = 1
@@ -32,7 +33,8 @@ CACHE_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    """One timed piece of work: ``kind`` 'inverse' (params n) or 'precondition' (g, a, k)."""
+    """One timed piece of work: ``kind`` 'inverse' (params n), 'precondition' (g, a, k) or
+    'unitwise' (units)."""
 
     kind: str
     params: Tuple[int, ...]
@@ -57,6 +59,8 @@ class Calibration:
 def _predict(model: CostModel, m: Measurement) -> float:
     if m.kind == "inverse":
         return model.inverse_seconds(m.params[0])
+    if m.kind == "unitwise":
+        return model.unitwise_seconds(m.params[0])
     g, a, k = m.params
     return model.precondition_seconds(block_layout(g, k).sizes, block_layout(a, k).sizes)
 
@@ -143,7 +147,7 @@ def calibrate(
         like: any array of the backend on the target device.
         method: EIGEN (times eigh) or CHOLESKY (times the Cholesky inverse).
         sizes: factor sides to time (at least 3); preconditioning is timed on n x n gradients
-            with 1 and 4 blocks per factor.
+            with 1 and 4 blocks per factor and on (n/4) x n gradients.
         dtype: element type of the timed work.
         device: a description stored in the model.
         seed: seed of the random matrices.
@@ -165,13 +169,19 @@ def calibrate(
             seconds = time_call(lambda: _sync(ops, ops.cholesky_inverse(x)))
         measurements.append(Measurement("inverse", (n,), seconds))
     for n in sizes:
-        for k in (1, 4):
-            lay = block_layout(n, k)
-            grad = ops.cast(ops.from_numpy(rng.normal(size=(n, n)), like), dtype)
-            a_inv = _random_inverses(ops, like, lay.sizes, method, dtype, rng)
-            g_inv = _random_inverses(ops, like, lay.sizes, method, dtype, rng)
-            seconds = time_call(lambda: _sync(ops, precondition_block_kronecker(ops, grad, lay, a_inv, lay, g_inv, 1e-3)))
-            measurements.append(Measurement("precondition", (n, n, k), seconds))
+        for g, a, k in ((n, n, 1), (n, n, 4), (max(4, n // 4), n, 1)):
+            la, lg = block_layout(a, k), block_layout(g, k)
+            grad = ops.cast(ops.from_numpy(rng.normal(size=(g, a)), like), dtype)
+            a_inv = _random_inverses(ops, like, la.sizes, method, dtype, rng)
+            g_inv = _random_inverses(ops, like, lg.sizes, method, dtype, rng)
+            seconds = time_call(lambda: _sync(ops, precondition_block_kronecker(ops, grad, la, a_inv, lg, g_inv, 1e-3)))
+            measurements.append(Measurement("precondition", (g, a, k), seconds))
+    for n in sizes:
+        units = 16 * n
+        fisher = ops.cast(ops.from_numpy(np.abs(rng.normal(size=(units, 3))) + [1.0, 0.0, 1.0], like), dtype)
+        vec = ops.cast(ops.from_numpy(rng.normal(size=units), like), dtype)
+        seconds = time_call(lambda: _sync(ops, unitwise_precondition(ops, fisher, vec, vec, 1e-3)[0]))
+        measurements.append(Measurement("unitwise", (units,), seconds))
     inv = [m for m in measurements if m.kind == "inverse"]
     inverse = fit_nonnegative(np.array([[m.params[0] ** 3, m.params[0] ** 2, 1.0] for m in inv]),
                               np.array([m.seconds for m in inv]))
@@ -179,11 +189,13 @@ def calibrate(
     rows = []
     for m in pre:
         g, a, k = m.params
-        probe = CostModel(method, (0.0, 0.0, 0.0), (1.0, 0.0, 0.0))
+        probe = CostModel(method, (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0))
         flops = probe.precondition_seconds(block_layout(g, k).sizes, block_layout(a, k).sizes)
-        rows.append([flops, g * a, 2.0 * k])
+        rows.append([flops, g * a, 2.0 * k, 1.0])
     precondition = fit_nonnegative(np.array(rows), np.array([m.seconds for m in pre]))
-    model = CostModel(method, tuple(inverse), tuple(precondition), None, ops.name, device, dtype)
+    uw = [m for m in measurements if m.kind == "unitwise"]
+    unitwise = fit_nonnegative(np.array([[m.params[0], 1.0] for m in uw]), np.array([m.seconds for m in uw]))
+    model = CostModel(method, tuple(inverse), tuple(precondition), tuple(unitwise), None, ops.name, device, dtype)
     return Calibration(model, tuple(measurements))
 
 

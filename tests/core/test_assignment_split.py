@@ -15,7 +15,7 @@ from hvd_ngd.layer_spec import LayerSpec
 from hvd_ngd.models import bert_large_layer_specs, resnet50_layer_specs
 
 # Coefficients of the same shape as this machine's numpy calibration (fixed so the test is exact).
-MODEL = CostModel("eigen", (5.5e-10, 4.2e-08, 2.4e-05), (6.4e-11, 2.9e-10, 1.1e-05))
+MODEL = CostModel("eigen", (5.5e-10, 4.2e-08, 2.4e-05), (6.4e-11, 2.9e-10, 1.1e-05, 2e-5), (1e-9, 1e-5))
 
 
 def _check_complete(plan, specs, world):
@@ -86,10 +86,23 @@ def test_cost_model_replaces_n3_and_adds_preconditioning() -> None:
     _check_complete(plan, specs, 4)
 
 
-def test_no_splitting_at_one_or_two_ranks() -> None:
+def test_factors_are_split_to_balance_not_to_shed_work() -> None:
     specs = resnet50_layer_specs()
-    for world in (1, 2):
+    for world in (1, 2, 4):  # the largest factor is below the fair share: nothing to balance
         assert assign(specs, world, cost_model=MODEL, split=SplitPolicy()).split_statistics() == {}
+    eight = assign(specs, 8, cost_model=MODEL, split=SplitPolicy())
+    assert set(eight.split_statistics()) >= {(f"layer4.{b}.conv2", "A") for b in range(3)}
+
+
+def test_granularity_is_relaxed_until_the_plan_is_near_its_bound() -> None:
+    """48 equal 4096-wide factors on 32 ranks: no factor exceeds the fair share, yet whole
+    factors leave LPT 20% above its bound; the halved share cuts them."""
+    specs = bert_large_layer_specs()
+    whole = assign(specs, 32, cost_model=MODEL)
+    strict = assign(specs, 32, cost_model=MODEL, split=SplitPolicy(max_ratio=10.0))
+    relaxed = assign(specs, 32, cost_model=MODEL, split=SplitPolicy())
+    assert whole.makespan_ratio > 1.15 and strict.split_statistics() == {}
+    assert relaxed.makespan_ratio <= 1.1 and relaxed.makespan < whole.makespan / 2
 
 
 @pytest.mark.parametrize("model", [MODEL, None], ids=["measured", "n3"])
@@ -148,8 +161,17 @@ def test_bad_options_are_rejected() -> None:
         assign(specs, 2, blocks={("bn1", "F"): 2})
     with pytest.raises(ValueError, match="1 <= k <= 2049"):
         assign(specs, 2, blocks={("fc", "A"): 5000})
-    for field, value in (("max_blocks", 0), ("min_block_size", 1.5), ("min_share", 0.0), ("tolerance", 1.0)):
+    for field, value in (("max_blocks", 0), ("min_block_size", 1.5), ("min_share", 0.0), ("tolerance", 1.0), ("max_ratio", 0.9)):
         with pytest.raises(ValueError, match=f"SplitPolicy.{field}"):
             SplitPolicy(**{field: value})
     assert SplitPolicy(min_block_size=512).max_blocks_for(4608) == 9 and SplitPolicy().max_blocks_for(1000) == 1
     assert assignment.assign is assign
+
+
+def test_statistic_elements_shrink_with_splitting() -> None:
+    specs = [LayerSpec("big", LayerKind.LINEAR, 9, 4, True), LayerSpec("bn", LayerKind.BATCHNORM, 3, 3, True),
+             LayerSpec("emb", LayerKind.EMBEDDING, 7, 2)]
+    whole = assign(specs, 2)
+    assert whole.statistic_elements() == 55 + 10 + 9 + 7 + 3 and whole.statistic_elements(packed=False) == 100 + 16 + 9 + 7 + 4
+    split = assign(specs, 2, blocks={("big", "A"): 2})
+    assert split.statistic_elements() == 15 + 15 + 10 + 9 + 7 + 3

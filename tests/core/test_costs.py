@@ -32,17 +32,18 @@ def test_fit_recovers_coefficients_and_keeps_them_nonnegative() -> None:
 
 
 def test_predictions_by_hand() -> None:
-    m = CostModel("eigen", (1.0, 2.0, 3.0), (0.5, 0.25, 0.125), (1e-3, 1e-9))
+    m = CostModel("eigen", (1.0, 2.0, 3.0), (0.5, 0.25, 0.125, 1.5), (0.75, 0.5), collective=(1e-3, 1e-9))
     assert m.inverse_seconds(2) == 8 + 8 + 3
-    assert m.inverse_seconds(10, diagonal=True) == 0.25 * 2 * 10
+    assert m.inverse_seconds(10, diagonal=True) == 0.75 * 10 + 0.5
     # g = [2, 2], a = [3]: cols*sum g^2 = 3*8, rows*sum a^2 = 4*9, elements 12, matmuls 3
-    assert m.precondition_seconds([2, 2], [3]) == 0.5 * (24 + 36) + 0.25 * 12 + 0.125 * 3
-    assert m.precondition_seconds([2, 2], [3], a_diagonal=True) == 0.5 * 24 + 0.25 * 12 + 0.125 * 2
+    assert m.precondition_seconds([2, 2], [3]) == 0.5 * (24 + 36) + 0.25 * 12 + 0.125 * 3 + 1.5
+    assert m.precondition_seconds([2, 2], [3], a_diagonal=True) == 0.5 * 24 + 0.25 * 12 + 0.125 * 2 + 1.5
+    assert m.unitwise_seconds(4) == 0.75 * 4 + 0.5
     assert m.collective_seconds(1e6) == pytest.approx(1e-3 + 1e-3)
-    assert CostModel("eigen", (0, 0, 0), (0, 0, 0)).collective_seconds(10) == 0.0
+    assert CostModel("eigen", (0, 0, 0), (0, 0, 0, 0)).collective_seconds(10) == 0.0
     assert CostModel.from_dict(json.loads(json.dumps(m.to_dict()))) == m
     with pytest.raises(ValueError, match="each >= 0"):
-        CostModel("eigen", (1.0, -1.0, 0.0), (0, 0, 0))
+        CostModel("eigen", (1.0, -1.0, 0.0), (0, 0, 0, 0))
     with pytest.raises(ValueError, match="recalibrate"):
         CostModel.from_dict({"method": "eigen"})
 
@@ -55,7 +56,7 @@ def test_calibration_takes_seconds_and_predicts_what_it_measured(method: Inverse
     cal = calibrate(OPS, LIKE, method, sizes=(16, 32, 64, 128, 256))
     assert time.perf_counter() - start < 10.0
     assert cal.model.method is method and cal.model.backend == "numpy"
-    assert len(cal.measurements) == 5 + 10 and all(m.seconds > 0 for m in cal.measurements)
+    assert len(cal.measurements) == 5 + 15 + 5 and all(m.seconds > 0 for m in cal.measurements)
     # a shared 2-core machine is noisy: the fit is within a factor of a few of every point and
     # orders the sizes correctly
     assert all(abs(e) < 3.0 for e in cal.relative_errors())
@@ -83,7 +84,7 @@ def test_cache_is_reused_until_the_fingerprint_changes(tmp_path, monkeypatch) ->
 def test_collective_calibration_on_a_communicator() -> None:
     latency, per_byte = calibrate_collective(SingleProcessCommunicator(), OPS, LIKE, (1 << 10, 1 << 14, 1 << 18))
     assert latency >= 0 and per_byte >= 0
-    model = CostModel("eigen", (0, 0, 0), (0, 0, 0)).with_collective(latency, per_byte)
+    model = CostModel("eigen", (0, 0, 0), (0, 0, 0, 0)).with_collective(latency, per_byte)
     assert model.collective_seconds(1 << 18) >= 0
     with pytest.raises(ValueError, match="at least 2"):
         calibrate_collective(SingleProcessCommunicator(), OPS, LIKE, (1 << 10,))
