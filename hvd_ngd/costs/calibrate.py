@@ -65,17 +65,21 @@ def _predict(model: CostModel, m: Measurement) -> float:
     return model.precondition_seconds(block_layout(g, k).sizes, block_layout(a, k).sizes)
 
 
-def time_call(fn: Callable[[], Any], min_time: float = 0.05, max_repeats: int = 5) -> float:
+def time_call(
+    fn: Callable[[], Any], min_time: float = 0.05, max_repeats: int = 5, timer: Callable[[], float] = time.perf_counter
+) -> float:
     """Fastest of up to ``max_repeats`` calls (at least 2, stopping once ``min_time`` is spent).
 
-    ``fn`` must block until its work is done (see ``_sync``).
+    ``fn`` must block until its work is done (see ``_sync``). ``timer``: wall clock by default;
+    ``time.thread_time`` counts only this thread's CPU time (single-threaded BLAS on a shared
+    machine, where other processes would otherwise be timed too; never for GPU work).
     """
     fn()  # warm-up: allocation, library initialisation, kernel selection
     best, spent, runs = float("inf"), 0.0, 0
     while runs < 2 or (runs < max_repeats and spent < min_time):
-        start = time.perf_counter()
+        start = timer()
         fn()
-        elapsed = time.perf_counter() - start
+        elapsed = timer() - start
         best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
     return best
 
@@ -139,6 +143,7 @@ def calibrate(
     dtype: str = "float32",
     device: str = "",
     seed: int = 0,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> Calibration:
     """Time and fit a ``CostModel`` for ``ops`` on ``like``'s device (about 1-5 s on a CPU).
 
@@ -151,6 +156,7 @@ def calibrate(
         dtype: element type of the timed work.
         device: a description stored in the model.
         seed: seed of the random matrices.
+        timer: clock of ``time_call`` (wall by default).
 
     Raises:
         ValueError: fewer than 3 distinct sizes, or a size < 4.
@@ -164,9 +170,9 @@ def calibrate(
     for n in sizes:
         x = _spd(ops, like, n, dtype, rng)
         if method is InverseMethod.EIGEN:
-            seconds = time_call(lambda: _sync(ops, ops.eigh(x)[0]))
+            seconds = time_call(lambda: _sync(ops, ops.eigh(x)[0]), timer=timer)
         else:
-            seconds = time_call(lambda: _sync(ops, ops.cholesky_inverse(x)))
+            seconds = time_call(lambda: _sync(ops, ops.cholesky_inverse(x)), timer=timer)
         measurements.append(Measurement("inverse", (n,), seconds))
     for n in sizes:
         for g, a, k in ((n, n, 1), (n, n, 4), (max(4, n // 4), n, 1)):
@@ -174,13 +180,13 @@ def calibrate(
             grad = ops.cast(ops.from_numpy(rng.normal(size=(g, a)), like), dtype)
             a_inv = _random_inverses(ops, like, la.sizes, method, dtype, rng)
             g_inv = _random_inverses(ops, like, lg.sizes, method, dtype, rng)
-            seconds = time_call(lambda: _sync(ops, precondition_block_kronecker(ops, grad, la, a_inv, lg, g_inv, 1e-3)))
+            seconds = time_call(lambda: _sync(ops, precondition_block_kronecker(ops, grad, la, a_inv, lg, g_inv, 1e-3)), timer=timer)
             measurements.append(Measurement("precondition", (g, a, k), seconds))
     for n in sizes:
         units = 16 * n
         fisher = ops.cast(ops.from_numpy(np.abs(rng.normal(size=(units, 3))) + [1.0, 0.0, 1.0], like), dtype)
         vec = ops.cast(ops.from_numpy(rng.normal(size=units), like), dtype)
-        seconds = time_call(lambda: _sync(ops, unitwise_precondition(ops, fisher, vec, vec, 1e-3)[0]))
+        seconds = time_call(lambda: _sync(ops, unitwise_precondition(ops, fisher, vec, vec, 1e-3)[0]), timer=timer)
         measurements.append(Measurement("unitwise", (units,), seconds))
     inv = [m for m in measurements if m.kind == "inverse"]
     inverse = fit_nonnegative(np.array([[m.params[0] ** 3, m.params[0] ** 2, 1.0] for m in inv]),
@@ -275,10 +281,12 @@ def load_or_calibrate(
     device: str = "",
     extra_fingerprint: Optional[Dict[str, Any]] = None,
     recalibrate: bool = False,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> Calibration:
     """The cached calibration at ``path`` if its fingerprint matches this machine, else a new
     one (written to ``path``). A collective term already in the cache is kept."""
-    want = fingerprint(ops, method, dtype, dict(extra_fingerprint or {}, device=device, sizes=list(sizes)))
+    clock = getattr(timer, "__name__", str(timer))
+    want = fingerprint(ops, method, dtype, dict(extra_fingerprint or {}, device=device, sizes=list(sizes), clock=clock))
     path = Path(path)
     if path.exists() and not recalibrate:
         try:
@@ -287,6 +295,6 @@ def load_or_calibrate(
             have, cached = None, None
         if have == want and cached is not None:
             return cached
-    calibration = calibrate(ops, like, method, sizes, dtype, device)
+    calibration = calibrate(ops, like, method, sizes, dtype, device, timer=timer)
     save_calibration(path, calibration, want)
     return calibration

@@ -88,3 +88,27 @@ def test_collective_calibration_on_a_communicator() -> None:
     assert model.collective_seconds(1 << 18) >= 0
     with pytest.raises(ValueError, match="at least 2"):
         calibrate_collective(SingleProcessCommunicator(), OPS, LIKE, (1 << 10,))
+
+
+def test_curvature_benchmark_executes_every_rank_share() -> None:
+    import time
+
+    from hvd_ngd.assignment import SplitPolicy
+    from hvd_ngd.costs.benchmark import benchmark_markdown, curvature_benchmark
+    from hvd_ngd.models import resnet50_layer_specs
+
+    specs = resnet50_layer_specs(num_classes=10, width=2)
+    model = calibrate(OPS, LIKE, sizes=(8, 16, 32, 64)).model
+    rows = curvature_benchmark(OPS, LIKE, specs, model, worlds=(1, 2, 4), timer=time.thread_time)
+    assert [r["ranks"] for r in rows] == [1, 2, 4]
+    for r in rows:
+        assert r["measured_s"] > 0 and r["predicted_s"] > 0
+        assert r["predicted_total_s"] == pytest.approx(rows[0]["predicted_total_s"])
+    assert rows[2]["predicted_s"] < rows[0]["predicted_s"]
+    blocks = {("layer4.0.conv2", "A"): 3, ("layer4.0.conv2", "G"): 2, ("fc", "A"): 2}
+    split = curvature_benchmark(OPS, LIKE, specs, model, worlds=(2,), blocks=blocks)
+    assert split[0]["measured_s"] > 0 and split[0]["predicted_total_s"] < rows[0]["predicted_total_s"]
+    with pytest.raises(ValueError, match="either split"):
+        curvature_benchmark(OPS, LIKE, specs, model, worlds=(2,), blocks=blocks, split=SplitPolicy())
+    table = benchmark_markdown(rows, "title")
+    assert table.startswith("title") and table.count("\n| ") == 4
