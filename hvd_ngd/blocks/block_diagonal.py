@@ -15,6 +15,7 @@ basic slicing (``x[a:b]``, ``x[:, a:b]``), which numpy, torch and TensorFlow ten
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence
 
 from hvd_ngd.blocks.layout import BlockLayout
@@ -58,6 +59,30 @@ def block_gram(ops: ArrayOps, x: Array, layout: BlockLayout, scale: float = 1.0)
         part = x[:, s]
         out.append(ops.matmul(ops.transpose(part), part) * scale)
     return out
+
+
+def blocks_mean_eigenvalue(ops: ArrayOps, blocks: Sequence[Array], diagonal: bool = False) -> float:
+    """tr(F) / n of a factor from its diagonal blocks (the blocks hold its whole trace).
+
+    What the pi-correction of CHOLESKY damping needs, without the full factor; a rank holding
+    only some blocks can send these two numbers (trace sum, side) instead.
+    """
+    trace, side = 0.0, 0
+    for b in blocks:
+        trace += ops.to_float(ops.sum(b) if diagonal else ops.trace(b))
+        side += ops.shape(b)[0]
+    return trace / side
+
+
+def pi_correction_blocks(
+    ops: ArrayOps, a_blocks: Sequence[Array], g_blocks: Sequence[Array], a_is_diagonal: bool = False
+) -> float:
+    """``damping.pi_correction`` of factors given as diagonal blocks (equal to the full factors')."""
+    ta = blocks_mean_eigenvalue(ops, a_blocks, a_is_diagonal)
+    tg = blocks_mean_eigenvalue(ops, g_blocks, False)
+    if not (math.isfinite(ta) and math.isfinite(tg)) or ta <= 0.0 or tg <= 0.0:
+        return 1.0
+    return math.sqrt(ta / tg)
 
 
 def invert_blocks(

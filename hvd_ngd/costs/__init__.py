@@ -9,6 +9,7 @@ from hvd_ngd.costs.calibrate import (
     load_calibration,
     load_or_calibrate,
     save_calibration,
+    shared_model,
 )
 from hvd_ngd.costs.model import CostModel
 
@@ -22,4 +23,5 @@ __all__ = [
     "load_calibration",
     "load_or_calibrate",
     "save_calibration",
+    "shared_model",
 ]

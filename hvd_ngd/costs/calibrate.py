@@ -225,6 +225,16 @@ def calibrate_collective(
     return float(coef[0]), float(coef[1])
 
 
+def shared_model(comm: Any, model: CostModel, root: int = 0) -> CostModel:
+    """Rank ``root``'s model on every rank (a collective).
+
+    Each rank times its own calibration, and timings differ; plans computed from different
+    models differ too, and every rank must compute the same plan. Call this before planning.
+    """
+    models = comm.allgather_object(model.to_dict(), name="hvd_ngd.cost_model")
+    return CostModel.from_dict(models[root])
+
+
 def fingerprint(ops: ArrayOps, method: InverseMethod, dtype: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """What a cached model must match to be reused: backend, method, dtype, machine, versions."""
     out: Dict[str, Any] = {

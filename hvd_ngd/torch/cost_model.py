@@ -5,7 +5,8 @@
 
 ``calibrate_torch`` runs ``hvd_ngd.costs.calibrate`` through ``TorchOps`` (every timed call ends
 in a host read, which synchronises CUDA). ``with_horovod_collective`` adds the allreduce cost per
-byte measured on the running Horovod job (a collective: every rank calls it).
+byte measured on the running Horovod job and hands every rank rank 0's model (a collective:
+every rank calls it; plans must agree across ranks).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from hvd_ngd.costs import Calibration, CostModel, calibrate_collective, load_or_calibrate
+from hvd_ngd.costs import Calibration, CostModel, calibrate_collective, load_or_calibrate, shared_model
 from hvd_ngd.costs.calibrate import DEFAULT_SIZES
 from hvd_ngd.enums import InverseMethod
 from hvd_ngd.torch.ops import TorchOps
@@ -45,9 +46,11 @@ def calibrate_torch(
 
 def with_horovod_collective(model: CostModel, device: Optional[str] = None) -> CostModel:
     """``model`` with Horovod's allreduce latency and seconds per byte measured at this world
-    size (a collective: call it on every rank, after ``hvd.init()``)."""
+    size, and rank 0's model on every rank, so that all ranks plan alike (a collective: call
+    it on every rank, after ``hvd.init()``)."""
     from hvd_ngd.torch.communicator import HorovodCommunicator
 
+    comm = HorovodCommunicator()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    latency, per_byte = calibrate_collective(HorovodCommunicator(), TorchOps(), torch.zeros(1, device=dev))
-    return model.with_collective(latency, per_byte)
+    latency, per_byte = calibrate_collective(comm, TorchOps(), torch.zeros(1, device=dev))
+    return shared_model(comm, model.with_collective(latency, per_byte))

@@ -144,3 +144,18 @@ def test_mismatches_are_rejected() -> None:
     chol = invert_blocks(OPS, extract_blocks(OPS, g, g_lay), InverseMethod.CHOLESKY, 0.1)
     with pytest.raises(ValueError, match="different methods"):
         precondition_block_kronecker(OPS, v, a_lay, a_inv, g_lay, chol, 0.1)
+
+
+def test_pi_correction_from_blocks_equals_the_full_factors() -> None:
+    from hvd_ngd.blocks import blocks_mean_eigenvalue, pi_correction_blocks
+    from hvd_ngd.damping import pi_correction
+
+    rng = np.random.default_rng(7)
+    a, g, a_vec = _spd(rng, 10), _spd(rng, 6), rng.uniform(0.5, 2.0, size=10)
+    la, lg = block_layout(10, 3), block_layout(6, 2)
+    a_b, g_b = extract_blocks(OPS, a, la), extract_blocks(OPS, g, lg)
+    assert blocks_mean_eigenvalue(OPS, a_b) == pytest.approx(np.trace(a) / 10)
+    assert pi_correction_blocks(OPS, a_b, g_b) == pytest.approx(pi_correction(OPS, a, g))
+    v_b = extract_blocks(OPS, a_vec, la, diagonal=True)
+    assert pi_correction_blocks(OPS, v_b, g_b, True) == pytest.approx(pi_correction(OPS, a_vec, g, True))
+    assert pi_correction_blocks(OPS, [np.zeros((2, 2))], g_b) == 1.0

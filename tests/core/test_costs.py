@@ -112,3 +112,17 @@ def test_curvature_benchmark_executes_every_rank_share() -> None:
         curvature_benchmark(OPS, LIKE, specs, model, worlds=(2,), blocks=blocks, split=SplitPolicy())
     table = benchmark_markdown(rows, "title")
     assert table.startswith("title") and table.count("\n| ") == 4
+
+
+def test_every_rank_plans_with_rank_zeros_model() -> None:
+    from hvd_ngd.costs import shared_model
+    from hvd_ngd.testing.threaded_world import ThreadedWorld
+
+    def per_rank(comm):
+        latency, per_byte = calibrate_collective(comm, OPS, LIKE, (1 << 10, 1 << 14))
+        own = CostModel("eigen", (1e-9 * (comm.rank + 1), 0, 0), (0, 0, 0, 0)).with_collective(latency, per_byte)
+        return own, shared_model(comm, own)
+
+    results = ThreadedWorld(3).run(per_rank)
+    assert len({own.inverse for own, _ in results}) == 3
+    assert all(shared == results[0][0] for _, shared in results)
