@@ -74,6 +74,23 @@ def capture(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, Tup
     return out
 
 
+def trained_factors(steps: int, images: int = 1024) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``capture`` on the first ``images`` digits after ``steps`` SGD steps from seed 0."""
+    torch.manual_seed(0)
+    x, y = load_digits(return_X_y=True)
+    x = torch.from_numpy((x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8))
+    y = torch.from_numpy(y)
+    model = build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return capture(model, x[:images], y[:images])
+
+
 def precondition(fa: np.ndarray, fg: np.ndarray, grad: np.ndarray, ka: int, kg: int, damping: float) -> np.ndarray:
     la, lg = block_layout(fa.shape[0], ka), block_layout(fg.shape[0], kg)
     a_inv = invert_blocks(OPS, extract_blocks(OPS, fa, la), InverseMethod.EIGEN)
@@ -92,19 +109,7 @@ def main() -> int:
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    x, y = load_digits(return_X_y=True)
-    x = torch.from_numpy((x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8))
-    y = torch.from_numpy(y)
-    model = build_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(args.steps):
-        idx = torch.randint(0, len(x), (64,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    stats = capture(model, x[:1024], y[:1024])
+    stats = trained_factors(args.steps)
     lines = [f"Factor splitting accuracy: digits CNN after {args.steps} SGD steps, factors on 1,024 images, EIGEN.",
              "", "| damping | layer | A side | G side | k (A, G) | A block | rel. error vs k=1 | cos to k=1 | "
              "A only: rel. error | A only: cos | cos(grad, k=1) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
