@@ -11,13 +11,13 @@ measurement are taken side by side), and reports per world size: the predicted c
 per step (the busiest rank's inverses + preconditioning: the plan's makespan), the lower bound
 max(largest unit of work, total work / ranks), their ratio, and the statistic elements one
 factor allreduce sends. ``--bench`` executes the plans of a scaled ResNet-50 (``--bench-width``)
-for 1, 2 and 4 virtual ranks on this machine (``hvd_ngd.costs.benchmark``).
+for 1, 2 and 4 virtual ranks on this machine (``hvd_ngd.costs.benchmark``; ``make bench`` can print the
+same with ``numpy_curvature_report``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -31,21 +31,12 @@ sys.path.insert(0, str(ROOT))
 
 from hvd_ngd.assignment import SplitPolicy, assign  # noqa: E402
 from hvd_ngd.costs import CostModel, load_or_calibrate  # noqa: E402
-from hvd_ngd.costs.benchmark import benchmark_markdown, curvature_benchmark  # noqa: E402
+from hvd_ngd.costs.benchmark import benchmark_markdown, blas_threads, curvature_benchmark  # noqa: E402
 from hvd_ngd.models import bert_large_layer_specs, resnet50_layer_specs  # noqa: E402
 from hvd_ngd.ops import NumpyOps  # noqa: E402
 
 RANKS = (8, 16, 32, 64, 128, 256, 512, 1024)
 MODELS = {"ResNet-50": resnet50_layer_specs, "BERT-Large": bert_large_layer_specs}
-
-
-def threads(n: int):
-    """Limit BLAS threads (a shared machine times more steadily on one), when threadpoolctl exists."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        return contextlib.nullcontext()
-    return threadpool_limits(n) if n > 0 else contextlib.nullcontext()
 
 
 def plan_rows(model: CostModel, ranks=RANKS, policy: SplitPolicy = SplitPolicy()) -> List[Dict]:
@@ -162,7 +153,7 @@ def main() -> int:
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu times one thread: use it with --threads 1 (or --clock wall)")
     timer = time.thread_time if args.clock == "cpu" else time.perf_counter
-    with threads(args.threads):
+    with blas_threads(args.threads):
         cal = load_or_calibrate(ROOT / args.cost_model, ops, like, extra_fingerprint={"threads": args.threads},
                                 recalibrate=args.recalibrate or args.bench, timer=timer)  # --bench: measured side by side
     model = cal.model
@@ -176,7 +167,7 @@ def main() -> int:
     results = {"cost_model": model.to_dict(), "plans": rows}
     if args.bench:
         specs = resnet50_layer_specs(num_classes=100, width=args.bench_width)
-        with threads(args.threads):
+        with blas_threads(args.threads):
             bench = curvature_benchmark(ops, like, specs, model, worlds=(1, 2, 4), timer=timer)
         results["bench"] = bench
         text += "\n" + benchmark_markdown(

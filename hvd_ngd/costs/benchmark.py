@@ -11,7 +11,9 @@ planned block sizes stand in for real statistics (the cost does not depend on th
 
 from __future__ import annotations
 
+import contextlib
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -19,11 +21,14 @@ import numpy as np
 from hvd_ngd.assignment import SplitPolicy, assign
 from hvd_ngd.assignment.plan import AssignmentPlan, TaskKey
 from hvd_ngd.blocks import precondition_block_kronecker
+from hvd_ngd.costs.calibrate import load_or_calibrate
 from hvd_ngd.costs.model import CostModel
 from hvd_ngd.enums import InverseMethod
 from hvd_ngd.inverse import FactorInverse, invert_factor
 from hvd_ngd.layer_spec import LayerSpec
+from hvd_ngd.models import resnet50_layer_specs
 from hvd_ngd.ops.base import Array, ArrayOps
+from hvd_ngd.ops.numpy_ops import NumpyOps
 from hvd_ngd.unitwise import unitwise_precondition
 
 
@@ -148,3 +153,38 @@ def benchmark_markdown(rows: Sequence[Dict[str, float]], title: str = "") -> str
                      f"{r['measured_inverse_total_s']:.3f} | {r['predicted_precondition_total_s']:.3f} / "
                      f"{r['measured_precondition_total_s']:.3f} | {r['worst_rank_error']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def blas_threads(n: int):
+    """A context limiting numpy's BLAS to ``n`` threads (threadpoolctl, which scikit-learn
+    brings); a no-op context for ``n <= 0`` or without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(n) if n > 0 else contextlib.nullcontext()
+
+
+def numpy_curvature_report(
+    cache: Path, width: int = 12, worlds: Sequence[int] = (1, 2, 4), cpu_clock: bool = True
+) -> Tuple[str, List[Dict[str, float]], CostModel]:
+    """What ``make bench`` prints: calibrate numpy now (cached at ``cache``), then predicted vs
+    measured curvature time of a ResNet-50 of ``width`` (100 classes) at ``worlds`` virtual ranks.
+
+    With ``cpu_clock`` BLAS runs on one thread and both calibration and measurement count that
+    thread's CPU time, so other processes on a shared machine do not enter the numbers.
+
+    Returns:
+        (markdown table, rows, the calibrated model).
+    """
+    ops, like = NumpyOps(), np.zeros(1, dtype=np.float32)
+    timer = time.thread_time if cpu_clock else time.perf_counter
+    threads = 1 if cpu_clock else 0
+    with blas_threads(threads):
+        model = load_or_calibrate(Path(cache), ops, like, extra_fingerprint={"threads": threads},
+                                  recalibrate=True, timer=timer).model
+        specs = resnet50_layer_specs(num_classes=100, width=width)
+        rows = curvature_benchmark(ops, like, specs, model, worlds=worlds, timer=timer)
+    title = (f"Predicted vs measured curvature time per step: ResNet-50 at width {width} (100 classes), numpy, "
+             f"{'thread CPU time, 1 BLAS thread' if cpu_clock else 'wall clock'}, each virtual rank's share run serially")
+    return benchmark_markdown(rows, title), rows, model

@@ -126,3 +126,11 @@ def test_every_rank_plans_with_rank_zeros_model() -> None:
     results = ThreadedWorld(3).run(per_rank)
     assert len({own.inverse for own, _ in results}) == 3
     assert all(shared == results[0][0] for _, shared in results)
+
+
+def test_numpy_curvature_report(tmp_path) -> None:
+    from hvd_ngd.costs.benchmark import numpy_curvature_report
+
+    text, rows, model = numpy_curvature_report(tmp_path / "c.json", width=2, worlds=(1, 2))
+    assert (tmp_path / "c.json").exists() and model.backend == "numpy"
+    assert [r["ranks"] for r in rows] == [1, 2] and "thread CPU time" in text
