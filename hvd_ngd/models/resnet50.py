@@ -16,11 +16,20 @@ def _bn(name: str, c: int) -> LayerSpec:
     return LayerSpec(name, LayerKind.BATCHNORM, c, c, True)
 
 
-def resnet50_layer_specs(num_classes: int = 1000) -> List[LayerSpec]:
-    """The 107 preconditioned layers of ResNet-50 with their factor sizes."""
-    specs = [_conv("conv1", 3, 64, 7), _bn("bn1", 64)]
-    inplanes = 64
-    for stage, (planes, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)], start=1):
+def resnet50_layer_specs(num_classes: int = 1000, width: int = 64) -> List[LayerSpec]:
+    """The 107 preconditioned layers of ResNet-50 with their factor sizes.
+
+    Args:
+        num_classes: outputs of the classifier.
+        width: channels of the stem and of the first stage's bottlenecks (64 is ResNet-50;
+            smaller values scale every stage alike, for benchmarks that must run in seconds).
+    """
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"resnet50_layer_specs: width={width!r} must be an int >= 1")
+    specs = [_conv("conv1", 3, width, 7), _bn("bn1", width)]
+    inplanes = width
+    stages = [(width, 3), (2 * width, 4), (4 * width, 6), (8 * width, 3)]
+    for stage, (planes, blocks) in enumerate(stages, start=1):
         for b in range(blocks):
             p = f"layer{stage}.{b}"
             specs += [
@@ -34,5 +43,5 @@ def resnet50_layer_specs(num_classes: int = 1000) -> List[LayerSpec]:
             if b == 0:
                 specs += [_conv(f"{p}.downsample.0", inplanes, planes * 4, 1), _bn(f"{p}.downsample.1", planes * 4)]
             inplanes = planes * 4
-    specs.append(LayerSpec("fc", LayerKind.LINEAR, 2048, num_classes, True))
+    specs.append(LayerSpec("fc", LayerKind.LINEAR, inplanes, num_classes, True))
     return specs
