@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar, Union
 
 from hvd_ngd.enums import (
     AssignmentCost,
@@ -100,6 +100,13 @@ class KFACConfig:
             with the ranks and the step, and counts it (``Preconditioner.skipped_steps``), as
             ``GradScaler`` does. The flag travels in the consistency allgather (no extra
             collective at checked steps; otherwise one 1-element allreduce).
+        factor_splitting: let the planner cut factors larger than a fair share of the work into
+            diagonal blocks (a block-diagonal approximation), each block its own statistic with
+            its own inverse worker and schedule; k is chosen per factor from the world size
+            (EIGEN only). Useful when ranks outnumber layers; it costs accuracy (README "Scale").
+        min_factor_block / max_factor_blocks: smallest block side and most blocks per factor.
+        factor_blocks: fixed block counts per statistic, e.g. ``{"fc1/A": 2}`` (exclusive with
+            ``factor_splitting``).
     """
 
     lr: float = 0.1
@@ -128,6 +135,10 @@ class KFACConfig:
     max_damping: float = 1.0
     consistency_check_interval: int = 1
     skip_nonfinite_steps: bool = True
+    factor_splitting: bool = False
+    min_factor_block: int = 512
+    max_factor_blocks: int = 64
+    factor_blocks: Optional[Dict[str, int]] = None
 
     def __post_init__(self) -> None:
         self.interval_policy = _coerce_enum("interval_policy", self.interval_policy, IntervalPolicy)
@@ -168,6 +179,22 @@ class KFACConfig:
         for flag in ("pi_correction", "symmetric_packing", "stale_inverse", "skip_nonfinite_steps"):
             if not isinstance(getattr(self, flag), bool):
                 raise _bad(flag, getattr(self, flag), "a bool")
+        for name in ("min_factor_block", "max_factor_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _bad(name, value, "an int >= 1")
+        if not isinstance(self.factor_splitting, bool):
+            raise _bad("factor_splitting", self.factor_splitting, "a bool")
+        if self.factor_blocks is not None:
+            if self.factor_splitting:
+                raise _bad("factor_blocks", self.factor_blocks, "None when factor_splitting=True (choose one)")
+            if not isinstance(self.factor_blocks, dict) or not all(
+                isinstance(k, str) and k.rpartition("/")[2] in ("A", "G") and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                for k, v in self.factor_blocks.items()
+            ):
+                raise _bad("factor_blocks", self.factor_blocks, "a dict like {'fc1/A': 2} of ints >= 1 per '<layer>/A' or '/G'")
+        if (self.factor_splitting or self.factor_blocks) and self.inverse_method is not InverseMethod.EIGEN:
+            raise _bad("inverse_method", self.inverse_method.value, "'eigen' with factor splitting")
         if isinstance(self.skip_layers, str):
             self.skip_layers = (self.skip_layers,)
         self.skip_layers = tuple(self.skip_layers)

@@ -27,22 +27,27 @@ class StatKey:
     Attributes:
         layer: the layer's registered name.
         statistic: which of its statistics.
+        block: the diagonal block of a split factor (``hvd_ngd.blocks.layout``), or -1 for the
+            whole statistic.
     """
 
     layer: str
     statistic: Statistic
+    block: int = -1
 
     def __str__(self) -> str:
-        return f"{self.layer}/{self.statistic.value}"
+        base = f"{self.layer}/{self.statistic.value}"
+        return base if self.block < 0 else f"{base}#{self.block}"
 
     @classmethod
     def parse(cls, text: str) -> "StatKey":
         """Inverse of ``str(key)`` (checkpoints store statistics by their string form).
 
         Raises:
-            ValueError: ``text`` is not ``"<layer>/<A|G|F>"``.
+            ValueError: ``text`` is not ``"<layer>/<A|G|F>"`` or ``"<layer>/<A|G>#<block>"``.
         """
         layer, sep, kind = text.rpartition("/")
-        if not sep or not layer or kind not in Statistic._value2member_map_:
-            raise ValueError(f"not a statistic name: {text!r} (expected '<layer>/A', '/G' or '/F')")
-        return cls(layer, Statistic(kind))
+        kind, hash_, block = kind.partition("#")
+        if not sep or not layer or kind not in Statistic._value2member_map_ or (hash_ and not block.isdigit()):
+            raise ValueError(f"not a statistic name: {text!r} (expected '<layer>/A', '/G', '/F' or '/A#<block>')")
+        return cls(layer, Statistic(kind), int(block) if hash_ else -1)

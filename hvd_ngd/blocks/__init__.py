@@ -13,6 +13,8 @@ preconditioning with the blocks is exact for the block-diagonal factors (k = 1 i
 
 from __future__ import annotations
 
+from typing import Any
+
 from hvd_ngd.blocks.base import CurvatureBlock
 from hvd_ngd.blocks.block_diagonal import (
     block_gram,
@@ -44,8 +46,11 @@ __all__ = [
 ]
 
 
-def make_block(spec: LayerSpec, method: InverseMethod, pi_correction: bool) -> CurvatureBlock:
-    """The block of one registered layer."""
+def make_block(
+    spec: LayerSpec, method: InverseMethod, pi_correction: bool, a_layout: Any = None, g_layout: Any = None
+) -> CurvatureBlock:
+    """The block of one registered layer (``a_layout`` / ``g_layout``: ``BlockLayout`` of a
+    split factor, from the planner)."""
     if spec.kind.is_unitwise:
         return UnitwiseBlock(spec)
-    return KroneckerBlock(spec, method, pi_correction)
+    return KroneckerBlock(spec, method, pi_correction, a_layout, g_layout)

@@ -21,6 +21,7 @@ class CurvatureBlock(abc.ABC):
 
     spec: LayerSpec
     statistics: Tuple[StatKey, ...]
+    split: bool = False  # statistics kept as diagonal blocks of a split factor
 
     @property
     def name(self) -> str:

@@ -13,7 +13,7 @@ Cholesky method: (A + dA I)^-1 and (G + dG I)^-1 with the pi-corrected damping s
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from hvd_ngd import damping as damping_rules
 from hvd_ngd import inverse
@@ -54,37 +54,66 @@ class KroneckerBlock(CurvatureBlock):
     Gradient matrix: (out, a_dim) with the bias gradient as the last column (Embedding:
     weight_grad^T).
 
+    A split factor (``a_layout`` / ``g_layout``, from the planner) is kept as its diagonal
+    blocks, each its own statistic ``StatKey(layer, A, block)``; preconditioning uses the
+    block-diagonal decomposition assembled from the blocks' (EIGEN only).
+
     Args:
         spec: the layer.
         method: EIGEN or CHOLESKY.
         pi_correction: split Cholesky damping with the pi-correction.
+        a_layout / g_layout: ``BlockLayout`` of a split factor, or None.
     """
 
-    def __init__(self, spec: LayerSpec, method: InverseMethod, pi_correction: bool) -> None:
+    def __init__(
+        self, spec: LayerSpec, method: InverseMethod, pi_correction: bool, a_layout: Any = None, g_layout: Any = None
+    ) -> None:
         self.spec = spec
         self.method = method
         self.pi_correction = pi_correction
         self.a_key = StatKey(spec.name, Statistic.A)
         self.g_key = StatKey(spec.name, Statistic.G)
-        self.statistics = (self.a_key, self.g_key)
+        self.layouts = {Statistic.A: a_layout, Statistic.G: g_layout}
+        self.keys_of = {
+            s: [StatKey(spec.name, s, b) for b in range(lay.k)] if lay is not None else [StatKey(spec.name, s)]
+            for s, lay in self.layouts.items()
+        }
+        self.split = a_layout is not None or g_layout is not None
+        if self.split and method is not InverseMethod.EIGEN:
+            raise ValueError(f"layer {spec.name!r}: factor splitting needs inverse_method='eigen'")
+        self.statistics = tuple(self.keys_of[Statistic.A] + self.keys_of[Statistic.G])
         self.a_diagonal = spec.a_is_diagonal
         self._denominator: Optional[Tuple[FactorInverse, FactorInverse, float, Array]] = None
+        self._assembled: Dict[Statistic, Tuple[tuple, FactorInverse]] = {}
 
     # ------------------------------------------------------------------ layout
     def is_symmetric_matrix(self, key: StatKey) -> bool:
         return not (key == self.a_key and self.a_diagonal)
 
+    def _side(self, key: StatKey) -> int:
+        layout = self.layouts[key.statistic]
+        if key.block >= 0:
+            return layout.sizes[key.block]
+        return self.spec.a_dim if key.statistic is Statistic.A else self.spec.g_dim
+
     def shape(self, key: StatKey) -> Tuple[int, ...]:
-        if key == self.a_key:
-            return (self.spec.a_dim,) if self.a_diagonal else (self.spec.a_dim, self.spec.a_dim)
-        return (self.spec.g_dim, self.spec.g_dim)
+        n = self._side(key)
+        return (n,) if self._diagonal(key) else (n, n)
+
+    def split_statistic(self, ops: ArrayOps, statistic: Statistic, value: Array) -> List[Tuple[StatKey, Array]]:
+        """The statistics a captured batch factor feeds: itself, or its diagonal blocks."""
+        layout = self.layouts[statistic]
+        if layout is None:
+            return [(self.keys_of[statistic][0], value)]
+        diagonal = statistic is Statistic.A and self.a_diagonal
+        return [(k, value[s] if diagonal else value[s, s]) for k, s in zip(self.keys_of[statistic], layout.slices())]
 
     @property
     def inverted(self) -> Tuple[StatKey, ...]:
         return self.statistics
 
     def _diagonal(self, key: StatKey) -> bool:
-        return key == self.a_key and self.a_diagonal
+        return key.statistic is Statistic.A and self.a_diagonal
 
     # ------------------------------------------------------------------ inverses
     def invert(self, ops: ArrayOps, key: StatKey, factors: Mapping[StatKey, Array], damping: float) -> FactorInverse:
@@ -104,11 +133,11 @@ class KroneckerBlock(CurvatureBlock):
         da, dg = damping_rules.cholesky_damping(
             ops, factors[self.a_key], factors[self.g_key], damping, self.pi_correction, a_is_diagonal=self.a_diagonal
         )
-        share = da if key == self.a_key else dg
+        share = da if key.statistic is Statistic.A else dg
         return inverse.invert_factor(ops, x, self.method, share, diagonal=diagonal)
 
     def inverse_template(self, ops: ArrayOps, key: StatKey, like: Array) -> List[Array]:
-        n = self.spec.a_dim if key == self.a_key else self.spec.g_dim
+        n = self._side(key)
         like = ops.cast(like, inverse.compute_dtype(ops, like))
         diagonal = self._diagonal(key)
         if self.method is InverseMethod.EIGEN:
@@ -120,7 +149,38 @@ class KroneckerBlock(CurvatureBlock):
         return inverse.inverse_from_tensors(ops, self.method, self._diagonal(key), tensors)
 
     def has_curvature(self, factors: Mapping[StatKey, Array], inverses: Mapping[StatKey, FactorInverse]) -> bool:
-        return self.a_key in inverses and self.g_key in inverses
+        return all(k in inverses for k in self.statistics)
+
+    def inverse_pair(self, ops: ArrayOps, inverses: Mapping[StatKey, FactorInverse]) -> Tuple[FactorInverse, FactorInverse]:
+        """The (A, G) decompositions; a split factor's are assembled block-diagonally from its
+        blocks' (kept until a block's decomposition changes)."""
+        return self._whole(ops, Statistic.A, inverses), self._whole(ops, Statistic.G, inverses)
+
+    def _whole(self, ops: ArrayOps, statistic: Statistic, inverses: Mapping[StatKey, FactorInverse]) -> FactorInverse:
+        keys = self.keys_of[statistic]
+        if self.layouts[statistic] is None:
+            return inverses[keys[0]]
+        parts = tuple(inverses[k] for k in keys)
+        cached = self._assembled.get(statistic)
+        if cached is not None and len(cached[0]) == len(parts) and all(a is b for a, b in zip(cached[0], parts)):
+            return cached[1]
+        vals = ops.concat([p.eigvals for p in parts], 0)
+        vecs = None
+        if parts[0].eigvecs is not None:
+            n = sum(ops.shape(p.eigvals)[0] for p in parts)
+            rows, offset = [], 0
+            for p in parts:
+                s = ops.shape(p.eigvals)[0]
+                pieces = [ops.zeros((s, offset), p.eigvecs)] if offset else []
+                pieces.append(p.eigvecs)
+                if n - offset - s:
+                    pieces.append(ops.zeros((s, n - offset - s), p.eigvecs))
+                rows.append(ops.concat(pieces, 1) if len(pieces) > 1 else pieces[0])
+                offset += s
+            vecs = ops.concat(rows, 0)
+        whole = FactorInverse(self.method, eigvals=vals, eigvecs=vecs)
+        self._assembled[statistic] = (parts, whole)
+        return whole
 
     # ------------------------------------------------------------------ preconditioning
     def denominator(self, ops: ArrayOps, a_inv: FactorInverse, g_inv: FactorInverse, damping: float) -> Array:
@@ -141,7 +201,7 @@ class KroneckerBlock(CurvatureBlock):
         inverses: Dict[StatKey, FactorInverse],
         damping: float,
     ) -> Array:
-        a_inv, g_inv = inverses[self.a_key], inverses[self.g_key]
+        a_inv, g_inv = self.inverse_pair(ops, inverses)
         if self.method is not InverseMethod.EIGEN:
             return inverse.precondition_kronecker(ops, grad, a_inv, g_inv, damping)
         out_dtype = ops.dtype_name(grad)

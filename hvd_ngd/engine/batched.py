@@ -49,7 +49,7 @@ class BatchedKronecker:
         """Preconditioned gradients of a group, and each one's sum(v * g) (KL clipping and the
         finiteness check of the step), as one vector."""
         key = tuple(b.name for b in blocks)
-        sources = tuple((inverses[b.a_key], inverses[b.g_key], damping[b.name]) for b in blocks)
+        sources = tuple((*b.inverse_pair(ops, inverses), damping[b.name]) for b in blocks)
         cached = self._cache.get(key)
         if cached is None or len(cached[0]) != len(sources) or any(
             s[0] is not c[0] or s[1] is not c[1] or s[2] != c[2] for s, c in zip(sources, cached[0])

@@ -6,7 +6,7 @@ kept: the per-step code only looks things up.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hvd_ngd import assignment
 from hvd_ngd.config import KFACConfig
@@ -38,7 +38,19 @@ class Placement:
         self.layer_order = [s.name for s in specs]
         self.grad_workers = 1 if config.strategy is Strategy.SPNGD else config.grad_workers(world)
         split = config.strategy is Strategy.COMM_OPT and config.assignment_cost is not AssignmentCost.COMMUNICATION
-        self.plan = assignment.assign(list(specs), world, config.assignment_cost, split_factors=split)
+        policy = None
+        if config.factor_splitting:
+            policy = assignment.SplitPolicy(max_blocks=config.max_factor_blocks, min_block_size=config.min_factor_block)
+        fixed = None
+        if config.factor_blocks:
+            names = {s.name for s in specs}
+            unknown = sorted(k for k in config.factor_blocks if k.rpartition("/")[0] not in names)
+            if unknown:
+                raise ValueError(f"invalid factor_blocks: {unknown} name no registered layer")
+            fixed = {tuple(k.rsplit("/", 1)): v for k, v in config.factor_blocks.items()}
+        self.plan = assignment.assign(
+            list(specs), world, config.assignment_cost, split_factors=split, split=policy, blocks=fixed
+        )
         self.worker_groups = assignment.grad_worker_groups(world, self.grad_workers)
         self.receiver_groups = assignment.grad_receiver_groups(world, self.grad_workers)
         self.owner: Dict[str, int] = {n: self.plan.layer_owner[n] for n in self.layer_order}
@@ -59,8 +71,18 @@ class Placement:
         return self.owner[layer]
 
     def inverse_worker(self, key: StatKey) -> int:
-        """Rank that computes the inverse of one statistic."""
-        return self.plan.owner(key.layer, key.statistic.value)
+        """Rank that computes the inverse of one statistic (or block). The plan's choice, unless
+        it lies outside the layer's gradient-worker group (MEM-OPT / HYBRID with split factors,
+        whose blocks the planner spreads over all ranks): then the layer's owner."""
+        worker = self.plan.owner(key.layer, key.statistic.value, block=None if key.block < 0 else key.block)
+        if self.grad_workers < self.world and worker not in self._group_of[key.layer]:
+            return self.owner[key.layer]
+        return worker
+
+    def layout(self, layer: str, statistic: str) -> Optional[Any]:
+        """Block layout of a split statistic (``BlockLayout``), None when it is whole."""
+        layout = getattr(self.plan, "layouts", {}).get((layer, statistic))
+        return layout if layout is not None and layout.k > 1 else None
 
     def worker_group(self, layer: str) -> List[int]:
         """KAISA gradient-worker group of ``layer`` (holds its inverses and preconditions it)."""

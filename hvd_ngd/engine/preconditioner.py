@@ -104,11 +104,15 @@ class Preconditioner:
         self.comm = comm
         self.world = comm.size
         self.rank = comm.rank
+        self.placement = Placement(specs, config, self.world, self.rank)
         self.blocks: Dict[str, CurvatureBlock] = {
-            s.name: make_block(s, config.inverse_method, config.pi_correction) for s in specs
+            s.name: make_block(
+                s, config.inverse_method, config.pi_correction,
+                self.placement.layout(s.name, "A"), self.placement.layout(s.name, "G"),
+            )
+            for s in specs
         }
         self.stat_keys: List[StatKey] = [k for s in specs for k in self.blocks[s.name].statistics]
-        self.placement = Placement(specs, config, self.world, self.rank)
         self.schedule = Schedule(config, self.stat_keys)
         self.state = EngineState(layer_damping={n: config.damping for n in names})
         self.curvature = Curvature(ops, config, self.blocks, self.state, self.schedule)
@@ -212,8 +216,15 @@ class Preconditioner:
         return self.schedule.capture_plan(self.state.steps)
 
     def accumulate(self, layer: str, statistic: str, value: Array) -> None:
-        """Add one micro-batch's statistic (averaged over micro-batches at ``step``)."""
-        self.statistics.add(StatKey(layer, Statistic(statistic)), value)
+        """Add one micro-batch's statistic (averaged over micro-batches at ``step``); a split
+        factor is kept as its diagonal blocks."""
+        kind = Statistic(statistic)
+        block = self.blocks[layer]
+        if kind is Statistic.F or not block.split:
+            self.statistics.add(StatKey(layer, kind), value)
+            return
+        for key, part in block.split_statistic(self.ops, kind, value):
+            self.statistics.add(key, part)
 
     # ------------------------------------------------------------------ hyperparameters
     def set_hyperparameters(self, **values: Any) -> None:

@@ -42,6 +42,10 @@ BAD = {
     "wire_dtype": ["fp16", "float64", "bfloat16"],
     "stale_inverse": [1, None],
     "skip_nonfinite_steps": [1, None],
+    "factor_splitting": [1, "yes"],
+    "min_factor_block": [0, 1.5, True],
+    "max_factor_blocks": [0, None],
+    "factor_blocks": [{"fc1/X": 2}, {"fc1/A": 0}, ["fc1/A"]],
     "skip_layers": [(1, 2), ["conv", None]],
     "fusion_threshold_bytes": [-1, 1.5, None],
     "max_damping": [1e-4, math.nan],  # below the default damping 1e-3
