@@ -62,7 +62,8 @@ def horovod_mpi(hosts: str, args: List[str]) -> List[str]:
     """horovodrun --mpi (Open MPI; horovodrun adds --allow-run-as-root); no tty colours, which
     Open MPI's output tags would split."""
     np_ = sum(int(h.split(":")[1]) for h in hosts.split(","))
-    return [HOROVODRUN, "-np", str(np_), "-H", hosts, "--mpi", "--mpi-args=--oversubscribe"] + PYTEST + ["--color=no"] + args
+    return [HOROVODRUN, "-np", str(np_), "-H", hosts, "--mpi", "--mpi-args=--oversubscribe", "--start-timeout", "120"] \
+        + PYTEST + ["--color=no"] + args
 
 
 def on_test_hosts(cmd: List[str]) -> List[str]:
@@ -82,7 +83,7 @@ PHASES: Dict[str, Tuple[List[str], str, int]] = {
     "torch-mpi": (horovod_mpi("localhost:2", SMOKE_AND_EQUIVALENCE["torch"]), "tests/torch/distributed", 600),
     "tf-mpi": (horovod_mpi("localhost:2", SMOKE_AND_EQUIVALENCE["tensorflow"]), "tests/tensorflow/distributed", 900),
     "multihost": (
-        on_test_hosts([HOROVODRUN, "-np", "2", "-H", "host1:1,host2:1", "--gloo"] + PYTEST
+        on_test_hosts([HOROVODRUN, "-np", "2", "-H", "host1:1,host2:1", "--gloo", "--start-timeout", "120"] + PYTEST
                       + ["tests/multihost/distributed"] + SMOKE_AND_EQUIVALENCE["torch"]),
         "tests/multihost/distributed", 600),
     "multihost-mpi": (

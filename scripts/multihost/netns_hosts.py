@@ -12,12 +12,13 @@ own network namespace):
 - ``/etc/netns/hvdngd-host<i>/hosts`` names every host (``host1`` ...) and
   ``/etc/netns/hvdngd-host<i>/ssh/`` holds the ssh client and server configuration: ``ip netns
   exec`` mounts them over ``/etc/hosts`` and ``/etc/ssh`` for the processes of that host only;
+- a host name per host (``host<i>``, a UTS namespace of its own for the sshd and what it starts);
 - one sshd per host (key-only root login with a key generated here, host key generated here),
   listening on the host's address only. Keys, configs, pid files and logs are kept in
   ``STATE_DIR``.
 
-The file system, the process table and users are shared (a namespace separates the network
-only), so ``.venv`` and the repository have the same paths on every host.
+The file system, the process table and users are shared (the namespaces separate the network
+and the host name only), so ``.venv`` and the repository have the same paths on every host.
 
 Commands (root only; every one is idempotent):
     netns_hosts.py up [--hosts N]        create the hosts (removing leftovers first)
@@ -35,7 +36,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -96,6 +96,13 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def in_ns(netns: str, *args: str) -> List[str]:
     return ["ip", "netns", "exec", netns, *args]
+
+
+def on_host(host: Host, *args: str) -> List[str]:
+    """``args`` run on ``host``: in its network namespace, and in a UTS namespace of its own whose
+    host name is ``host.name`` (as on a cluster node; Horovod on Ray, for one, groups workers by
+    host name)."""
+    return in_ns(host.netns, "unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', host.name, *args)
 
 
 def our_namespaces() -> List[str]:
@@ -172,10 +179,10 @@ def _keys() -> None:
 def _etc(host: Host, all_hosts: Sequence[Host]) -> None:
     """The host's /etc/hosts and /etc/ssh, as ``ip netns exec`` will mount them."""
     etc = NETNS_ETC / host.netns
-    # The machine's host name (shared by every namespace) resolves to this host's own address, as
-    # a cluster node's name does: Gloo advertises the address of gethostname(), so loopback here
-    # makes the other hosts connect to 127.0.0.1, and an unresolvable name crashes Horovod.
-    names = "".join(f"{h.address} {h.name}{' ' + socket.gethostname() if h == host else ''}\n" for h in all_hosts)
+    # Every host's name (its gethostname() too, see on_host) resolves to its address on eth0, as a
+    # cluster node's does: Gloo advertises the address of gethostname(), so loopback there makes
+    # the other hosts connect to 127.0.0.1, and an unresolvable name crashes Horovod.
+    names = "".join(f"{h.address} {h.name}\n" for h in all_hosts)
     _write(etc / "hosts", "127.0.0.1 localhost\n::1 localhost\n" + names)
     _write(etc / "ssh" / "ssh_config", "\n".join([
         "Host *",
@@ -220,7 +227,7 @@ def _network(all_hosts: Sequence[Host]) -> None:
 
 
 def _sshd(host: Host) -> None:
-    sh(*in_ns(host.netns, SSHD, "-f", "/etc/ssh/sshd_config", "-E", str(STATE_DIR / f"{host.name}.sshd.log")))
+    sh(*on_host(host, SSHD, "-f", "/etc/ssh/sshd_config", "-E", str(STATE_DIR / f"{host.name}.sshd.log")))
 
 
 def _wait_for_ssh(all_hosts: Sequence[Host], timeout: float = 20.0) -> None:
@@ -229,8 +236,8 @@ def _wait_for_ssh(all_hosts: Sequence[Host], timeout: float = 20.0) -> None:
     deadline = time.time() + timeout
     for target in all_hosts:
         while True:
-            proc = sh(*in_ns(launcher.netns, "ssh", target.name, "ip", "-4", "-o", "addr", "show", "eth0"), check=False)
-            if proc.returncode == 0 and target.address + "/" in proc.stdout:
+            proc = sh(*on_host(launcher, "ssh", target.name, "hostname && ip -4 -o addr show eth0"), check=False)
+            if proc.returncode == 0 and proc.stdout.split()[:1] == [target.name] and target.address + "/" in proc.stdout:
                 break
             if time.time() > deadline:
                 log = (STATE_DIR / f"{target.name}.sshd.log")
@@ -325,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 env = dict(os.environ, **{ENV_MARK: ",".join(h.name for h in made)})
                 print(f"[multihost] hosts {', '.join(h.name for h in made)} up; on {made[0].name}: {' '.join(cmd)}",
                       flush=True)
-                rc = subprocess.call(in_ns(made[0].netns, *cmd), env=env)
+                rc = subprocess.call(on_host(made[0], *cmd), env=env)
             print(f"[multihost] hosts removed (command exit status {rc})", flush=True)
             return rc
     except HostsError as err:

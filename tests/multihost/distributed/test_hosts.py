@@ -1,5 +1,5 @@
-"""The job really spans hosts: one rank per test host, each in its own network namespace, with
-the address its host name resolves to, talking over that network (not loopback).
+"""The job really spans hosts: one rank per test host, each in its own network namespace with its
+own host name, at the address that name resolves to, talking over that network (not loopback).
 
 Run with the equivalence tests of ``tests/torch/distributed`` by the ``multihost`` and
 ``multihost-mpi`` phases (``horovodrun -H host1:1,host2:1``, Gloo and MPI controllers).
@@ -32,6 +32,7 @@ def test_one_rank_per_host() -> None:
     me = {
         "host": os.environ.get("HOROVOD_HOSTNAME") or os.environ.get("OMPI_MCA_orte_ess_node_name") or "",
         "netns": os.stat("/proc/self/ns/net").st_ino,
+        "hostname": socket.gethostname(),
         "addresses": ipv4_addresses(),
         "resolved": {h: socket.gethostbyname(h) for h in HOSTS},
     }
@@ -41,6 +42,7 @@ def test_one_rank_per_host() -> None:
         own = {a for nic, addrs in entry["addresses"].items() if nic != "lo" for a in addrs}
         # the rank runs on the host that its name resolves to, and on no other
         assert {h for h, address in entry["resolved"].items() if address in own} == {HOSTS[rank]}, entry
+        assert entry["hostname"] == HOSTS[rank], entry
         if entry["host"]:
             assert entry["host"] == HOSTS[rank], entry
 

@@ -6,10 +6,11 @@ The model, data and preconditioner config are those of ``tests/torch/elastic/ela
 committed every ``--commit-every`` steps only, so a failure loses the steps since the last commit
 and training goes back to it. Written into ``--out``:
 
-- ``committed_<step>.pt`` (rank 0) at every commit: model, optimizer and committed preconditioner
-  state;
-- ``entry_<n>.pt`` (rank 0) each time training (re)starts: the step, world, hosts and the
-  complete preconditioner state then (``kfac.state_dict()``, gathered from every rank);
+- ``committed_<step>_<host>.pt`` (every rank) at every commit: model, optimizer and the committed
+  preconditioner state this rank keeps;
+- ``entry_<step>_<size>_<host>.pt`` (every rank) each time training (re)starts: the world, hosts,
+  layer owners and the complete preconditioner state then (``kfac.state_dict()``, gathered from
+  every rank);
 - ``dying`` (the worker on host2, at step ``--kill-at`` between backward and ``step()``): its pid
   and host; it then waits to be killed;
 - ``waiting_for_host`` (rank 0) once it has committed step ``--rejoin-at`` or later on 1 rank;
@@ -64,13 +65,11 @@ def main() -> None:
     state = KFACState(model=model, optimizer=opt, step=0)
     data = batches(args.steps)
     log = []
-    entries = [0]
 
     def commit() -> None:
         state.save()
-        if hvd.rank() == 0:
-            torch.save({"step": state.step, "model": model.state_dict(), "opt": opt.state_dict(),
-                        "kfac": state.kfac_handler.committed["kfac"]}, out / f"committed_{state.step}.pt")
+        torch.save({"step": state.step, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "kfac": state.kfac_handler.committed["kfac"]}, out / f"committed_{state.step}_{host}.pt")
         if hvd.size() == 1 and state.step >= args.rejoin_at:
             if hvd.rank() == 0:
                 (out / "waiting_for_host").touch()
@@ -85,13 +84,9 @@ def main() -> None:
     def train(state: KFACState) -> None:
         snapshot = opt.kfac.state_dict()  # every rank enters together: a collective
         hosts = hvd.allgather_object(host)
-        if hvd.rank() == 0:
-            torch.save({"step": state.step, "size": hvd.size(), "hosts": hosts, "kfac": snapshot,
-                        "owners": hvd.allgather_object(dict(opt.kfac.engine.plan.layer_owner))},
-                       out / f"entry_{entries[0]}.pt")
-        else:
-            hvd.allgather_object(dict(opt.kfac.engine.plan.layer_owner))
-        entries[0] += 1
+        owners = dict(opt.kfac.engine.plan.layer_owner)
+        torch.save({"step": state.step, "size": hvd.size(), "hosts": hosts, "kfac": snapshot, "owners": owners},
+                   out / f"entry_{state.step}_{hvd.size()}_{host}.pt")
         while state.step < args.steps:
             x, y = data[state.step]
             n = GLOBAL_BATCH // hvd.size()
