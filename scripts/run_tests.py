@@ -81,7 +81,7 @@ PHASES: Dict[str, Tuple[List[str], str, int]] = {
     "tf-np2": (horovod(2, ["tests/tensorflow/distributed", "-m", "not np4"]), "tests/tensorflow/distributed", 1500),
     "tf-np4": (horovod(4, ["tests/tensorflow/distributed", "-m", "np4"]), "tests/tensorflow/distributed", 900),
     "torch-mpi": (horovod_mpi("localhost:2", SMOKE_AND_EQUIVALENCE["torch"]), "tests/torch/distributed", 600),
-    "tf-mpi": (horovod_mpi("localhost:2", SMOKE_AND_EQUIVALENCE["tensorflow"]), "tests/tensorflow/distributed", 900),
+    "tf-mpi": (horovod_mpi("localhost:2", SMOKE_AND_EQUIVALENCE["tensorflow"]), "tests/tensorflow/distributed", 1500),
     "multihost": (
         on_test_hosts([HOROVODRUN, "-np", "2", "-H", "host1:1,host2:1", "--gloo", "--start-timeout", "120"] + PYTEST
                       + ["tests/multihost/distributed"] + SMOKE_AND_EQUIVALENCE["torch"]),
