@@ -20,9 +20,10 @@ CACHE_ROOT="${HVD_NGD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd_ngd}"
 
 log() { printf '[setup] %s\n' "$*"; }
 
-# 1. Debian packages: Open MPI, and the highwayhash/farmhash headers that TF 2.21's wheel omits.
+# 1. Debian packages: Open MPI, the highwayhash/farmhash headers that TF 2.21's wheel omits, and
+#    iproute2 + OpenSSH for the multi-host test hosts (network namespaces with an sshd each).
 #    Skip when present; never require root when they are already there.
-DEB_PKGS="libopenmpi-dev openmpi-bin libhighwayhash-dev libfarmhash-dev"
+DEB_PKGS="libopenmpi-dev openmpi-bin libhighwayhash-dev libfarmhash-dev iproute2 openssh-client openssh-server"
 missing_debs=""
 for p in $DEB_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing_debs="$missing_debs $p"; done
 if [ -n "$missing_debs" ]; then

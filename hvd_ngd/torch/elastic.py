@@ -35,7 +35,9 @@ What happens to the preconditioner:
   broadcast so that new workers get it. The rank-consistency check and the registration of the
   new world's process sets (collectives) run in ``sync()``, or at the next ``step()`` when no
   sync follows.
-- ``restore()`` (after a failed collective) reloads the last committed state.
+- ``restore()`` (after a failed collective) reloads the last committed state. The optimizer's
+  committed state is reloaded as a copy (Horovod's own handler loads the saved tensors
+  themselves, which the next steps then change in place), so it survives repeated failures.
 
 Under ``horovodrun`` elastic (``HOROVOD_ELASTIC=1``) constructing a ``KFAC`` communicates
 nothing (a joining worker builds its model while the others synchronise); the consistency check
@@ -51,11 +53,18 @@ A plain ``hvd.elastic.TorchState(kfac=kfac)`` raises ``TypeError`` once this mod
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, Optional
 
 import horovod.torch as hvd
 import torch
-from horovod.torch.elastic.state import StateHandler, TorchState, get_handler_registry, set_handler_registry
+from horovod.torch.elastic.state import (
+    OptimizerStateHandler,
+    StateHandler,
+    TorchState,
+    get_handler_registry,
+    set_handler_registry,
+)
 
 from hvd_ngd.torch.preconditioner import KFAC
 
@@ -167,6 +176,19 @@ def _broadcast(comm: Any, obj: Any) -> Any:
     return comm.allgather_object(obj, name=_STATE_NAME)[0]
 
 
+class _CopyingOptimizerStateHandler(OptimizerStateHandler):
+    """Horovod's optimizer handler, but ``restore()`` loads a copy of the committed state.
+
+    ``torch.optim.Optimizer.load_state_dict`` keeps the tensors it is given (momentum buffers,
+    Adam moments) as the optimizer's state, so after Horovod's ``restore()`` the following steps
+    change the committed state in place, and a second failure before the next commit would
+    restore those changed values instead of the commit.
+    """
+
+    def restore(self) -> None:
+        self.value.load_state_dict(copy.deepcopy(self._saved_optimizer_state))
+
+
 class KFACState(TorchState):
     """``hvd.elastic.TorchState`` that also commits, restores and re-plans a ``KFAC``.
 
@@ -199,6 +221,9 @@ class KFACState(TorchState):
                 "hvd_ngd.torch.DistributedOptimizer (which has a .kfac)"
             )
         super().__init__(model=model, optimizer=optimizer, **kwargs)
+        for name, handler in list(self._handlers.items()):
+            if type(handler) is OptimizerStateHandler:
+                self._handlers[name] = _CopyingOptimizerStateHandler(handler.value)
         # After the model and optimizer: their sync runs first, as in Horovod's own ordering.
         self._handlers["kfac"] = KFACStateHandler(kfac)
         self.kfac = kfac

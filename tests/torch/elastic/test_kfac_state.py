@@ -63,6 +63,27 @@ def test_commit_restore_sync() -> None:
     assert opt.kfac.steps == 4 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_repeated_restore_returns_to_the_commit() -> None:
+    """Two failures after one commit: the second restore still gives the committed optimizer
+    (momentum) and preconditioner state, not values changed by the steps in between."""
+    model, opt = setup()
+    state = KFACState(model=model, optimizer=opt, batch=0)
+    state.sync()
+    steps(model, opt, 3, seed=1)
+    state.commit()
+    params = [p.detach().clone() for p in model.parameters()]
+    momentum = {k: v["momentum_buffer"].clone() for k, v in opt.state_dict()["state"].items()}
+    factors = {k: v.clone() for k, v in opt.kfac.engine.factors.items()}
+    for seed in (2, 3):
+        steps(model, opt, 2, seed=seed)
+        state.restore()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+        got = opt.state_dict()["state"]
+        assert set(got) == set(momentum)
+        assert all(torch.equal(got[k]["momentum_buffer"], v) for k, v in momentum.items()), "momentum changed"
+        assert all(torch.equal(opt.kfac.engine.factors[k], v) for k, v in factors.items())
+
+
 def test_misuse() -> None:
     model, opt = setup()
     with pytest.raises(TypeError, match="KFACState"):
