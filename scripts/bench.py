@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
 """``make bench``: K-FAC vs SGD ratios measured side by side, written as JSON and markdown.
 
-Runs examples/pytorch_synthetic_benchmark.py on 1, 2 and 4 ranks (4 ranks oversubscribe a
-2-core machine), examples/keras_synthetic_benchmark.py on 2 ranks, and plans ResNet-50's 107
-layers for 8, 64, 256 and 1,024 ranks.
+Runs, each K-FAC row relative to SGD in the same run:
+- examples/pytorch_step_cost.py on 1 and 2 ranks: per-step cost by step type (nothing due,
+  factors due, inverses due, 10/100) on the digits CNN and a 40-layer MLP, host reads per step,
+  linear-algebra share;
+- examples/pytorch_synthetic_benchmark.py on 1, 2 and 4 ranks (4 ranks oversubscribe a 2-core
+  machine) and examples/keras_synthetic_benchmark.py on 2 ranks: images/sec and bytes;
+- the curvature cost model: predicted vs measured curvature time at 1, 2 and 4 virtual ranks;
+- plans of ResNet-50 (107 layers) and BERT-Large for 8 to 1,024 ranks: makespan / lower bound
+  with and without factor splitting (scripts/plans.py writes the full tables and the plot).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hvd_ngd.assignment import assign  # noqa: E402
+from hvd_ngd.assignment import SplitPolicy, assign  # noqa: E402
+from hvd_ngd.costs.benchmark import numpy_curvature_report  # noqa: E402
 from hvd_ngd.enums import AssignmentCost  # noqa: E402
 from hvd_ngd.models import resnet50_layer_specs  # noqa: E402
 
@@ -32,14 +39,38 @@ def run_synthetic(ranks: int, out: Path, iters: int, framework: str = "pytorch")
     return json.loads(path.read_text())
 
 
+def run_step_cost(ranks: int, out: Path, steps: int) -> list:
+    path = out / f"step_cost_np{ranks}.json"
+    script = [str(ROOT / ".venv/bin/python"), str(ROOT / "examples/pytorch_step_cost.py"), "--steps", str(steps), "--out", str(path)]
+    cmd = script if ranks == 1 else [str(ROOT / ".venv/bin/horovodrun"), "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo"] + script
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=1800)
+    return json.loads(path.read_text())
+
+
 def plans() -> list:
     specs = resnet50_layer_specs()
     rows = []
     for world in (8, 64, 256, 1024):
-        for cost in (AssignmentCost.COMPUTE, AssignmentCost.MEMORY):
-            rows.append({"ranks": world, "cost": cost.value, "split_factors": True,
-                         "max_mean_load": assign(specs, world, cost).max_mean_load})
+        for split in (False, True):
+            plan = assign(specs, world, AssignmentCost.COMPUTE, split=SplitPolicy() if split else None)
+            rows.append({"ranks": world, "splitting": split, "makespan_ratio": plan.makespan_ratio,
+                         "makespan": plan.makespan})
     return rows
+
+
+def step_cost_markdown(runs: list) -> str:
+    lines = ["| workload | strategy | ranks | step type | median / SGD | mean / SGD | host reads / step | "
+             "eigh+matmul share of the extra | outside linear algebra / SGD |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for name, r in run["rows"].items():
+            if name == "sgd":
+                continue
+            share = f"{r['linalg_share_of_kfac_extra']:.0%}" if name == "inverses due" else "-"
+            outside = f"{r['outside_linalg_vs_sgd']:.2f}" if name == "inverses due" else "-"
+            lines.append(f"| {run['workload']} | {run['strategy']} | {run['ranks']} | {name} | {r['median_vs_sgd']:.2f} | "
+                         f"{r['mean_vs_sgd']:.2f} | {r['host_reads_per_step']:.1f} | {share} | {outside} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results: dict) -> str:
@@ -53,9 +84,10 @@ def markdown(results: dict) -> str:
             saved = f"{1 - r['bytes_per_step'] / base:.2f}" if base and r["variant"] != "sgd" else "-"
             lines.append(f"| {run.get('framework', 'pytorch')} | {run['ranks']} | {r['strategy']} | {r['variant']} | "
                          f"{r['images_per_sec']:.1f} | {r['time_vs_sgd']:.2f} | {b} | {r['skipped_fraction']:.2f} | {saved} |")
-    lines += ["", "| ResNet-50 plan: ranks | cost model | max/mean load |", "|---|---|---|"]
+    lines += ["", "| ResNet-50 plan (n^3 cost): ranks | factor splitting | makespan / lower bound | makespan (cost units) |",
+              "|---|---|---|---|"]
     for p in results["plans"]:
-        lines.append(f"| {p['ranks']} | {p['cost']} | {p['max_mean_load']:.2f} |")
+        lines.append(f"| {p['ranks']} | {'on' if p['splitting'] else 'off'} | {p['makespan_ratio']:.2f} | {p['makespan']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -65,14 +97,19 @@ def main() -> int:
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--keras-ranks", default="2", help="ranks for the Keras benchmark ('' to skip)")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--step-cost-ranks", default="1,2")
+    parser.add_argument("--step-cost-steps", type=int, default=80)
     args = parser.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
+    step_cost = [run for n in args.step_cost_ranks.split(",") if n for run in run_step_cost(int(n), out, args.step_cost_steps)]
     synthetic = [run_synthetic(int(n), out, args.iters) for n in args.ranks.split(",") if n]
     synthetic += [run_synthetic(int(n), out, args.iters, "keras") for n in args.keras_ranks.split(",") if n]
-    results = {"synthetic": synthetic, "plans": plans()}
-    (out / "bench.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
+    curvature_md, curvature_rows, _ = numpy_curvature_report(out / "cost_model_numpy.json")
+    results = {"step_cost": step_cost, "synthetic": synthetic, "plans": plans(), "curvature": curvature_rows}
+    (out / "bench.json").write_text(json.dumps(results, indent=2, default=float))
+    table = "## Per-step cost by step type (thread CPU clock)\n\n" + step_cost_markdown(step_cost) + "\n" + markdown(results)
+    table += "\n" + curvature_md
     (out / "bench.md").write_text(table)
     print(table)
     print(f"written: {out / 'bench.json'}, {out / 'bench.md'}")
