@@ -31,28 +31,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from hvd_ngd.config import KFACConfig, resolve_interval
 from hvd_ngd.enums import IntervalPolicy
-from hvd_ngd.ops.base import Array, ArrayOps
-
-
-def relative_change(ops: ArrayOps, new: Array, previous: Optional[Array]) -> float:
-    """Relative Frobenius change of a statistic.
-
-    Args:
-        ops: array operations of the backend.
-        new: the refreshed statistic.
-        previous: the value it replaces, or None when there is none.
-
-    Returns:
-        ||new - previous||_F / ||previous||_F; ``inf`` when ``previous`` is None, or when it is
-        zero and ``new`` is not; 0.0 when both are zero.
-    """
-    if previous is None:
-        return math.inf
-    base = ops.to_float(ops.frobenius_norm(previous))
-    diff = ops.to_float(ops.frobenius_norm(new - previous))
-    if base == 0.0:
-        return 0.0 if diff == 0.0 else math.inf
-    return diff / base
 
 
 @dataclasses.dataclass
@@ -186,7 +164,7 @@ class StalenessTracker:
         Args:
             name: the statistic.
             step: the step of the refresh.
-            change: its relative change (``relative_change``); None (no previous value) counts
+            change: its relative change ||X_t - X_prev||_F / ||X_prev||_F; None (no previous value) counts
                 as an infinite change. Ignored by the FIXED policy.
         """
         self._check_name(name)

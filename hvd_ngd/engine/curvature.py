@@ -86,10 +86,8 @@ class Curvature:
         return out
 
     def relative_change(self, new: Array, previous: Array) -> Array:
-        """||new - previous||_F / ||previous||_F as a 0-d tensor (no host read)."""
-        ops = self.ops
-        tiny = 1e-300 if ops.dtype_name(previous) == "float64" else 1e-30
-        return ops.frobenius_norm(new - previous) / ops.maximum(ops.frobenius_norm(previous), tiny)
+        """See ``relative_change``."""
+        return relative_change(self.ops, new, previous)
 
     def record_changes(self, step: int, keys: Sequence[StatKey], values: Sequence[float]) -> None:
         """Give the tracker the changes of refreshed statistics (negative: not folded)."""
@@ -219,6 +217,14 @@ class Curvature:
     def end_step(self) -> None:
         """Forget the step's fallbacks."""
         self.fallen.clear()
+
+
+def relative_change(ops: ArrayOps, new: Array, previous: Array) -> Array:
+    """||new - previous||_F / ||previous||_F of a refreshed statistic as a 0-d tensor (no host
+    read; the adaptive policy reads it with the step's other scalars). A zero ``previous`` gives
+    0 when ``new`` is zero too, else a huge value (>= 1e30: always above the threshold)."""
+    tiny = 1e-300 if ops.dtype_name(previous) == "float64" else 1e-30
+    return ops.frobenius_norm(new - previous) / ops.maximum(ops.frobenius_norm(previous), tiny)
 
 
 def finite(values: np.ndarray) -> np.ndarray:
