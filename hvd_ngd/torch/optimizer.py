@@ -12,6 +12,7 @@ from torch import nn
 
 from hvd_ngd.config import KFACConfig
 from hvd_ngd.enums import Strategy
+from hvd_ngd.torch import amp
 from hvd_ngd.torch.preconditioner import KFAC, optimizer_hyperparameters
 
 
@@ -46,7 +47,11 @@ class _SPNGDOptimizer:
 
     def step(self, closure: Any = None) -> Any:
         if self.kfac._backward_seen:
+            if amp.scaler_enabled(self.kfac.grad_scaler):
+                amp.check_unscaled(self.kfac.grad_scaler, self)
             self.kfac.step(lr=self.param_groups[0]["lr"], hyperparameters=optimizer_hyperparameters(self))
+            if self.kfac.last_step_skipped:  # gradients overflowed on some rank: no rank updates
+                return None
         # Without a backward pass (e.g. hvd.broadcast_optimizer_state initialising state with
         # zero gradients) the step is a plain, local optimizer step on every rank.
         return super(self.__class__, self).step(closure)  # type: ignore[misc]
@@ -56,7 +61,11 @@ def _kaisa_step(self: Any, closure: Any = None) -> Any:
     """``step`` of a ``hvd.DistributedOptimizer`` wrapped with KAISA preconditioning."""
     if self.kfac._backward_seen:
         self.synchronize()
+        if amp.scaler_enabled(self.kfac.grad_scaler):
+            amp.check_unscaled(self.kfac.grad_scaler, self)
         self.kfac.step(lr=self.param_groups[0]["lr"], hyperparameters=optimizer_hyperparameters(self))
+        if self.kfac.last_step_skipped:  # averaged gradients overflowed: the step is dropped
+            return None
         with self.skip_synchronize():
             return type(self).step(self, closure)
     return type(self).step(self, closure)
@@ -80,7 +89,12 @@ def DistributedOptimizer(
         backward_passes_per_step: backward passes (micro-batches) per ``step()``; factors are
             averaged over them, gradients summed as Horovod does.
         op: ``hvd.Average`` (default); ``hvd.Adasum`` is rejected.
-        grad_scaler: optional ``torch.amp.GradScaler`` (see ``KFAC``).
+        grad_scaler: optional ``torch.amp.GradScaler`` (see ``KFAC``). Order per step:
+            ``scaler.scale(loss).backward()``; (KAISA strategies: ``optimizer.synchronize()``);
+            ``scaler.unscale_(optimizer)``; ``optimizer.step()``; ``scaler.update()``. Call
+            ``optimizer.step()`` itself, not ``scaler.step(optimizer)``: the scaler decides to
+            skip a step from this rank's gradients alone, while ``step()`` here agrees on an
+            overflow over all ranks (and skips the update and the K-FAC step everywhere).
         **config: ``hvd_ngd.KFACConfig`` fields; ``strategy`` defaults to ``'spngd'`` here.
 
     Returns:

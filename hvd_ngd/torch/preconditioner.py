@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import torch
 from torch import nn
@@ -13,11 +14,28 @@ from hvd_ngd import capture
 from hvd_ngd.communicator import Communicator
 from hvd_ngd.config import KFACConfig
 from hvd_ngd.consistency import check_consistent
-from hvd_ngd.enums import LossReduction, Strategy
+from hvd_ngd.enums import FisherType, LossReduction, Strategy
 from hvd_ngd.registration import register_layers
 from hvd_ngd.preconditioner import Preconditioner
-from hvd_ngd.torch.layers import TorchLayer, make_layer
+from hvd_ngd.torch import amp, fisher
+from hvd_ngd.torch.layers import TorchLayer, functional_submodules, make_layer
 from hvd_ngd.torch.ops import TorchOps
+
+SUPPORTED = (
+    "Linear, Conv1d/Conv2d (groups: one block per group), Embedding, BatchNorm1d/2d/3d, SyncBatchNorm, "
+    "GroupNorm, InstanceNorm (affine), LayerNorm"
+)
+
+
+@dataclasses.dataclass
+class _PendingOutput:
+    """A layer output whose G (or unit-wise F) comes from the Monte-Carlo backward pass."""
+
+    layer: TorchLayer
+    wanted: Set[str]
+    batch: int
+    x_hat: Optional[torch.Tensor]
+    output: torch.Tensor
 
 
 def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> Dict[str, float]:
@@ -62,9 +80,21 @@ class KFAC:
             a ``hvd.DistributedOptimizer``). With it, gradients of unregistered parameters are
             averaged too.
         grad_scaler: a ``torch.amp.GradScaler`` whose scale is removed from captured output
-            gradients (call ``scaler.unscale_(optimizer)`` before ``step()``).
+            gradients (call ``scaler.unscale_(optimizer)`` before ``step()``); a step whose
+            gradients overflowed is skipped (statistics discarded, ``last_step_skipped``).
+        mc_sampler: with ``fisher_type='mc'``, ``sampler(output) -> targets`` replacing the
+            default draw from ``loss_family`` (e.g. for a seeded generator:
+            ``hvd_ngd.torch.fisher.default_sampler(family, generator)``).
         communicator: injected collectives (defaults to Horovod's).
         **config: ``hvd_ngd.KFACConfig`` fields.
+
+    Monte-Carlo Fisher (``fisher_type='mc', loss_family='cross_entropy' | 'mse'``): a forward
+    hook on ``model`` takes its output (a tensor: logits with classes last, or predictions) and,
+    at steps where a G or unit-wise F statistic is due, draws labels from it and backpropagates
+    the sampled loss (``torch.autograd.grad`` w.r.t. the registered layers' outputs, with
+    ``retain_graph=True``) to capture G; the user's ``loss.backward()`` is unchanged and gives
+    the applied (true-label) gradient. A model whose output is not a tensor calls
+    ``kfac.sample_fisher(logits)`` after its forward instead.
 
     Raises:
         ValueError: bad configuration, no supported layer, or ranks that disagree.
@@ -76,10 +106,21 @@ class KFAC:
         *,
         reduce_gradients: bool = False,
         grad_scaler: Any = None,
+        mc_sampler: Optional[fisher.Sampler] = None,
         communicator: Optional[Communicator] = None,
         **config: Any,
     ) -> None:
         self.config = KFACConfig(**config)
+        self.mc = self.config.fisher_type is FisherType.MONTE_CARLO
+        if mc_sampler is not None and not self.mc:
+            raise ValueError("mc_sampler is only used with fisher_type='mc'")
+        self.mc_sampler: Optional[fisher.Sampler] = (
+            (mc_sampler or fisher.default_sampler(self.config.loss_family)) if self.mc else None
+        )
+        self._mc_pending: List[_PendingOutput] = []
+        self._in_mc_pass = False
+        self.mc_passes = 0  # Monte-Carlo backward passes run so far
+        self.last_step_skipped = False
         if self.config.strategy is Strategy.SPNGD and not reduce_gradients:
             raise ValueError(
                 "strategy='spngd' reduce-scatters gradients itself: use hvd_ngd.torch.DistributedOptimizer, "
@@ -95,15 +136,25 @@ class KFAC:
             communicator = HorovodCommunicator()
         self.comm = communicator
         self.ops = TorchOps()
+        functional = functional_submodules(model)
+
+        def make(name: str, module: nn.Module):
+            if id(module) in functional:  # covered by the parent's warning
+                return None, None
+            return make_layer(name, module)
+
         self.layers: List[TorchLayer]
         self.layers, self.skipped = register_layers(
             ((name or "root", module) for name, module in model.named_modules()),
-            make_layer,
+            make,
             self.config.skip_layers,
             adapter="hvd_ngd.torch",
-            supported="Linear, Conv2d, BatchNorm1d/2d, LayerNorm, Embedding",
+            supported=SUPPORTED,
             model_name=type(model).__name__,
         )
+        for name, module in model.named_modules():
+            if id(module) in functional and name not in self.skipped:
+                self.skipped[name] = f"weight used functionally by {functional[id(module)]!r} (see its warning)"
         # Under ``horovodrun`` elastic nothing may communicate before ``hvd.elastic.run``: a worker
         # that joins a running job builds its model while the others synchronise state. The
         # collective part of the setup then runs at the state's sync (or the first step).
@@ -119,6 +170,8 @@ class KFAC:
         self._handles = [
             layer.module.register_forward_hook(functools.partial(self._forward_hook, layer)) for layer in self.layers
         ]
+        if self.mc:  # after the layers' hooks, so a registered root module has captured its output first
+            self._handles.append(model.register_forward_hook(self._root_forward_hook))
 
     # ------------------------------------------------------------------ world (elastic)
     def rebuild(self) -> None:
@@ -170,29 +223,83 @@ class KFAC:
         wanted = self.engine.capture_plan().get(layer.name, set())
         x = inputs[0]
         batch = layer.batch_size(x)
-        if "A" in wanted:
-            with torch.no_grad():
-                a = capture.a_statistic(self.ops, layer.spec, layer.a_input(x.detach()), like=module.weight)
-            self.engine.accumulate(layer.name, "A", a)
-        x_hat = layer.x_hat(output) if "F" in wanted else None
-        if output.requires_grad:
-            output.register_hook(functools.partial(self._output_grad_hook, layer, wanted, batch, x_hat))
+        dtype = layer.stat_dtype
+        with torch.no_grad(), amp.autocast_disabled(output.device.type):
+            if "A" in wanted:
+                a_in = layer.a_input(amp.to_dtype(x.detach(), dtype))
+                self.engine.accumulate(layer.name, "A", capture.a_statistic(self.ops, layer.spec, a_in, like=layer.stat_like()))
+            x_hat = layer.x_hat(output) if "F" in wanted else None
+        if not output.requires_grad:
+            return
+        from_backward = set() if self.mc else wanted
+        output.register_hook(functools.partial(self._output_grad_hook, layer, from_backward, batch, x_hat))
+        if self.mc and wanted & {"G", "F"}:
+            self._mc_pending.append(_PendingOutput(layer, wanted, batch, x_hat, output))
 
     def _output_grad_hook(
         self, layer: TorchLayer, wanted: set, batch: int, x_hat: Optional[torch.Tensor], grad: torch.Tensor
     ) -> None:
-        self._backward_seen = True
-        if not wanted & {"G", "F"}:
+        if self._in_mc_pass:  # the Monte-Carlo pass captures its gradients itself
             return
+        self._backward_seen = True
+        if wanted & {"G", "F"}:
+            self._accumulate_output_statistics(layer, wanted, batch, x_hat, grad, amp.loss_scale(self.grad_scaler))
+
+    def _accumulate_output_statistics(
+        self, layer: TorchLayer, wanted: set, batch: int, x_hat: Optional[torch.Tensor], grad: torch.Tensor,
+        loss_scale: float,
+    ) -> None:
+        """G and/or unit-wise F from output gradients of the (possibly loss-scaled) loss."""
         scale = float(batch) if self.config.loss_reduction is LossReduction.MEAN else 1.0
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            scale /= float(self.grad_scaler.get_scale())
-        with torch.no_grad():
-            g = layer.g_output(grad.detach())
+        scale /= loss_scale
+        with torch.no_grad(), amp.autocast_disabled(grad.device.type):
+            g = layer.g_output(amp.to_dtype(grad.detach(), layer.stat_dtype))
             if "G" in wanted:
                 self.engine.accumulate(layer.name, "G", capture.g_statistic(self.ops, layer.spec, g, scale))
             if "F" in wanted:
                 self.engine.accumulate(layer.name, "F", capture.f_statistic(self.ops, layer.spec, x_hat, g, scale))
+
+    def _root_forward_hook(self, module: nn.Module, inputs: Sequence[Any], output: Any) -> None:
+        if self._mc_pending and torch.is_tensor(output):
+            self.sample_fisher(output)
+
+    def sample_fisher(self, output: torch.Tensor) -> None:
+        """Run the Monte-Carlo backward pass for the forward pass that produced ``output``.
+
+        Draws labels from ``output`` (``loss_family``), and takes G (and unit-wise F) of every
+        layer due this step from ``torch.autograd.grad`` of the sampled loss w.r.t. the layers'
+        captured outputs (``retain_graph=True``: the user's backward still runs). Called by a
+        forward hook on the model when its output is a tensor; call it yourself after the
+        forward otherwise. Does nothing when no statistic from gradients is due.
+
+        Args:
+            output: the model's logits (classes on the last axis) or predictions.
+        """
+        if not self.mc:
+            raise RuntimeError("sample_fisher needs fisher_type='mc'")
+        pending, self._mc_pending = self._mc_pending, []
+        if not pending:
+            return
+        if not (torch.is_tensor(output) and output.requires_grad):
+            raise TypeError(
+                f"hvd_ngd: fisher_type='mc' needs the model's output as a tensor that requires grad, got "
+                f"{type(output).__name__}: call kfac.sample_fisher(logits) after the forward pass"
+            )
+        scaler_scale = amp.loss_scale(self.grad_scaler)  # keeps fp16 gradients of the sampled loss in range
+        with amp.autocast_disabled(output.device.type):
+            targets = self.mc_sampler(output.detach())
+            loss = fisher.sampled_loss(self.config.loss_family, output, targets, self.config.loss_reduction)
+            if scaler_scale != 1.0:
+                loss = loss * scaler_scale
+        self._in_mc_pass = True
+        try:
+            grads = torch.autograd.grad(loss, [p.output for p in pending], retain_graph=True, allow_unused=True)
+        finally:
+            self._in_mc_pass = False
+        self.mc_passes += 1
+        for p, grad in zip(pending, grads):
+            if grad is not None:  # an output the loss does not depend on: the engine reports it at step()
+                self._accumulate_output_statistics(p.layer, p.wanted, p.batch, p.x_hat, grad, scaler_scale)
 
     # ------------------------------------------------------------------ step
     def step(self, lr: Optional[float] = None, hyperparameters: Optional[Mapping[str, float]] = None) -> None:
@@ -222,17 +329,32 @@ class KFAC:
                 f"now rank {self.comm.rank} of {self.comm.size}): under Horovod elastic use "
                 "hvd_ngd.torch.elastic.KFACState, or call kfac.rebuild() and load a state_dict"
             )
+        if self._mc_pending:
+            names = sorted({p.layer.name for p in self._mc_pending})
+            self._mc_pending = []
+            self.abandon_step()
+            raise RuntimeError(
+                f"hvd_ngd: fisher_type='mc' captured outputs of {names} but no Monte-Carlo pass ran: the model's "
+                "output is not a tensor, so call kfac.sample_fisher(logits) after the forward pass"
+            )
         self.connect()
+        self.last_step_skipped = False
+        if amp.scaler_enabled(self.grad_scaler) and self._overflowed():
+            self.last_step_skipped = True
+            self.abandon_step()
+            return
         if lr is not None:
             self.engine.config.lr = float(lr)
-        grads = {layer.name: layer.grad_matrix() for layer in self.layers}
+        grads = {layer.name: amp.to_dtype(layer.grad_matrix(), layer.stat_dtype) for layer in self.layers}
         others: List[torch.Tensor] = []
         if self.reduce_gradients:
             for p in self.other_params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                others.append(p.grad)
-        pgrads, others_out = self.engine.reduce_and_step(grads, others, self.reduce_gradients, hyperparameters)
+                others.append(amp.to_dtype(p.grad, torch.float32) if p.grad.dtype in (torch.float16, torch.bfloat16) else p.grad)
+        device = next(iter(self.layers)).module.weight.device.type
+        with amp.autocast_disabled(device):
+            pgrads, others_out = self.engine.reduce_and_step(grads, others, self.reduce_gradients, hyperparameters)
         with torch.no_grad():
             for layer in self.layers:
                 layer.set_grad_matrix(pgrads[layer.name])
@@ -240,6 +362,16 @@ class KFAC:
                 if g is not p.grad:
                     p.grad.copy_(g)
         self._backward_seen = False
+
+    def _overflowed(self) -> bool:
+        """Whether any rank's gradients overflowed under the GradScaler (the scaler skips such a
+        step). Agreed over ranks with one small allreduce when gradients are still local
+        (``reduce_gradients``); already averaged gradients overflow on every rank alike."""
+        local = not amp.all_finite(p.grad for layer in self.layers for p in layer.params())
+        if not (self.reduce_gradients and self.comm.size > 1):
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], dtype=torch.float32)
+        return float(self.comm.allreduce(flag, name="hvd_ngd.amp.overflow", average=True)[0]) > 0.0
 
     @property
     def steps(self) -> int:
