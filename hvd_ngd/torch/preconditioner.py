@@ -27,6 +27,12 @@ SUPPORTED = (
 )
 
 
+def eager_hook(fn: Any) -> Any:
+    """``fn`` excluded from ``torch.compile`` tracing: each call is a graph break, and the hook
+    runs as plain Python on real tensors (see docs/layers.md, torch.compile)."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 @dataclasses.dataclass
 class _PendingOutput:
     """A layer output whose G (or unit-wise F) comes from the Monte-Carlo backward pass."""
@@ -167,11 +173,14 @@ class KFAC:
             self._connected = True
         covered = {id(p) for layer in self.layers for p in layer.params()}
         self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
+        # The hooks run eagerly under torch.compile (``eager_hook``): they read and update the
+        # engine's Python state, which a traced graph would bake in or recompile on.
         self._handles = [
-            layer.module.register_forward_hook(functools.partial(self._forward_hook, layer)) for layer in self.layers
+            layer.module.register_forward_hook(eager_hook(functools.partial(self._forward_hook, layer)))
+            for layer in self.layers
         ]
         if self.mc:  # after the layers' hooks, so a registered root module has captured its output first
-            self._handles.append(model.register_forward_hook(self._root_forward_hook))
+            self._handles.append(model.register_forward_hook(eager_hook(self._root_forward_hook)))
 
     # ------------------------------------------------------------------ world (elastic)
     def rebuild(self) -> None:
@@ -232,7 +241,7 @@ class KFAC:
         if not output.requires_grad:
             return
         from_backward = set() if self.mc else wanted
-        output.register_hook(functools.partial(self._output_grad_hook, layer, from_backward, batch, x_hat))
+        output.register_hook(eager_hook(functools.partial(self._output_grad_hook, layer, from_backward, batch, x_hat)))
         if self.mc and wanted & {"G", "F"}:
             self._mc_pending.append(_PendingOutput(layer, wanted, batch, x_hat, output))
 
