@@ -78,6 +78,7 @@ def DistributedOptimizer(
     backward_passes_per_step: int = 1,
     op: Any = None,
     grad_scaler: Any = None,
+    mc_sampler: Any = None,
     **config: Any,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so ``step()`` averages, preconditions and applies gradients.
@@ -95,6 +96,7 @@ def DistributedOptimizer(
             ``optimizer.step()`` itself, not ``scaler.step(optimizer)``: the scaler decides to
             skip a step from this rank's gradients alone, while ``step()`` here agrees on an
             overflow over all ranks (and skips the update and the K-FAC step everywhere).
+        mc_sampler: optional label sampler for ``fisher_type='mc'`` (see ``KFAC``).
         **config: ``hvd_ngd.KFACConfig`` fields; ``strategy`` defaults to ``'spngd'`` here.
 
     Returns:
@@ -108,11 +110,11 @@ def DistributedOptimizer(
     config.setdefault("strategy", Strategy.SPNGD)
     strategy = KFACConfig(**config).strategy
     if strategy is Strategy.SPNGD:
-        kfac = KFAC(model, reduce_gradients=True, grad_scaler=grad_scaler, **config)
+        kfac = KFAC(model, reduce_gradients=True, grad_scaler=grad_scaler, mc_sampler=mc_sampler, **config)
         members = {k: v for k, v in _SPNGDOptimizer.__dict__.items() if k not in ("__dict__", "__weakref__")}
         cls = type(optimizer.__class__.__name__, (optimizer.__class__,), members)
         return cls(optimizer.param_groups, kfac, backward_passes_per_step)
-    kfac = KFAC(model, reduce_gradients=False, grad_scaler=grad_scaler, **config)
+    kfac = KFAC(model, reduce_gradients=False, grad_scaler=grad_scaler, mc_sampler=mc_sampler, **config)
     if named_parameters is None:
         named_parameters = model.named_parameters()
     wrapped = hvd.DistributedOptimizer(
