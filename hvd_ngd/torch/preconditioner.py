@@ -303,6 +303,14 @@ class KFAC:
         self._in_mc_pass = True
         try:
             grads = torch.autograd.grad(loss, [p.output for p in pending], retain_graph=True, allow_unused=True)
+        except RuntimeError as exc:
+            if "donated buffer" not in str(exc):
+                raise
+            raise RuntimeError(
+                "hvd_ngd: fisher_type='mc' backpropagates the sampled loss through the forward graph before "
+                "your loss.backward() (retain_graph=True), which torch.compile's donated buffers forbid: set "
+                "torch._functorch.config.donated_buffer = False before the first compiled call"
+            ) from exc
         finally:
             self._in_mc_pass = False
         self.mc_passes += 1
