@@ -27,6 +27,19 @@ SUPPORTED = (
 )
 
 
+def guard_module_hooks() -> None:
+    """Make ``torch.compile`` guard on ``nn.Module`` hooks (off by default in torch 2.x:
+    ``torch._dynamo.config.skip_nnmodule_hook_guards``), so a compiled graph traced before
+    KFAC's hooks existed, or for another instance of the same model class, is not reused
+    without them; it only adds guards."""
+    try:
+        import torch._dynamo
+    except ImportError:  # pragma: no cover - torch without Dynamo
+        return
+    if getattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False):
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+
+
 def eager_hook(fn: Any) -> Any:
     """``fn`` excluded from ``torch.compile`` tracing: each call is a graph break, and the hook
     runs as plain Python on real tensors (see docs/layers.md, torch.compile)."""
@@ -174,11 +187,17 @@ class KFAC:
         covered = {id(p) for layer in self.layers for p in layer.params()}
         self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
         # The hooks run eagerly under torch.compile (``eager_hook``): they read and update the
-        # engine's Python state, which a traced graph would bake in or recompile on.
+        # engine's Python state, which a traced graph would bake in or recompile on. Graphs compiled
+        # from now on guard on module hooks, so a graph traced without (or with another model's)
+        # hooks is not reused for this model.
+        guard_module_hooks()
         self._handles = [
             layer.module.register_forward_hook(eager_hook(functools.partial(self._forward_hook, layer)))
             for layer in self.layers
         ]
+        # A gradient reaching a registered weight without KFAC's output hooks firing means the hooks
+        # were bypassed (a compiled graph traced before they existed): step() says so.
+        self._handles.append(self.layers[0].module.weight.register_post_accumulate_grad_hook(self._grad_accumulated))
         if self.mc:  # after the layers' hooks, so a registered root module has captured its output first
             self._handles.append(model.register_forward_hook(eager_hook(self._root_forward_hook)))
 
@@ -200,6 +219,7 @@ class KFAC:
         self.engine = Preconditioner([layer.spec for layer in self.layers], self.config, self.ops, self.comm)
         self._connected = False
         self._backward_seen = False
+        self._grad_seen = False
 
     def connect(self) -> None:
         """Run the collective part of the setup once per engine: compare layers and config across
@@ -219,6 +239,7 @@ class KFAC:
         """Drop the statistics captured since the last ``step()`` (e.g. a step interrupted by an
         elastic reset between ``loss.backward()`` and ``step()``); local."""
         self._backward_seen = False
+        self._grad_seen = False
         self.engine.discard_step()
 
     def is_current(self) -> bool:
@@ -267,6 +288,9 @@ class KFAC:
                 self.engine.accumulate(layer.name, "G", capture.g_statistic(self.ops, layer.spec, g, scale))
             if "F" in wanted:
                 self.engine.accumulate(layer.name, "F", capture.f_statistic(self.ops, layer.spec, x_hat, g, scale))
+
+    def _grad_accumulated(self, param: torch.Tensor) -> None:
+        self._grad_seen = True
 
     def _root_forward_hook(self, module: nn.Module, inputs: Sequence[Any], output: Any) -> None:
         if self._mc_pending and torch.is_tensor(output):
@@ -336,6 +360,13 @@ class KFAC:
                 elastic without ``hvd_ngd.torch.elastic.KFACState``).
         """
         if not self._backward_seen:
+            if self._grad_seen:
+                raise RuntimeError(
+                    "hvd_ngd: the registered layers have gradients but KFAC's hooks did not run in their forward "
+                    "pass. Under torch.compile, build KFAC(model) before the first call of the compiled model "
+                    "(a graph compiled earlier does not guard on hooks added later), or call "
+                    "torch._dynamo.reset() after building it"
+                )
             raise RuntimeError(
                 "hvd_ngd: KFAC.step() was called without a backward pass since the last step(): call "
                 "loss.backward() (and optimizer.synchronize()) first, and step() once per optimizer step"
@@ -379,6 +410,7 @@ class KFAC:
                 if g is not p.grad:
                     p.grad.copy_(g)
         self._backward_seen = False
+        self._grad_seen = False
 
     def _overflowed(self) -> bool:
         """Whether any rank's gradients overflowed under the GradScaler (the scaler skips such a

@@ -88,3 +88,27 @@ def test_compiled_model_trains_like_eager(backend: str, tol: float, fisher: str)
     assert kfac.steps == STEPS and kfac.engine.fallbacks == []
     if fisher == "mc":
         assert kfac.mc_passes == eager_kfac.mc_passes == STEPS // 2
+
+
+def test_graph_compiled_before_kfac_is_a_clear_error_and_later_graphs_see_the_hooks() -> None:
+    torch._dynamo.reset()
+    torch._dynamo.config.skip_nnmodule_hook_guards = True  # torch's default before any KFAC
+    x, y = data()[0]
+    early = Net()
+    compiled = torch.compile(early, backend="eager")
+    nn.functional.cross_entropy(compiled(x), y).backward()  # traced without hooks
+    kfac = ngd.KFAC(early, communicator=SingleProcessCommunicator(), strategy="comm-opt")
+    early.zero_grad()
+    nn.functional.cross_entropy(compiled(x), y).backward()
+    with pytest.raises(RuntimeError, match="torch.compile"):
+        kfac.step()
+    # once a KFAC exists, graphs guard on hooks: one traced for a hook-less instance is not
+    # reused for another instance with KFAC's hooks
+    torch._dynamo.reset()
+    assert torch._dynamo.config.skip_nnmodule_hook_guards is False
+    nn.functional.cross_entropy(torch.compile(Net(), backend="eager")(x), y).backward()
+    other = Net()
+    other_kfac = ngd.KFAC(other, communicator=SingleProcessCommunicator(), strategy="comm-opt")
+    nn.functional.cross_entropy(torch.compile(other, backend="eager")(x), y).backward()
+    other_kfac.step()
+    assert other_kfac.steps == 1
