@@ -161,13 +161,36 @@ def measure_compile(steps: int) -> None:
 
 
 def measure_groups(steps: int) -> None:
-    rows = {"sgd": time_steps(lambda: cnn(1), None, steps, 3)}
+    """Per-group blocks of a grouped middle conv (groups 1, 4, 32 = depthwise), steps
+    interleaved across variants; medians, relative to SGD on the same model."""
+    variants = {}
     for groups in (1, 4, 32):
-        rows[f"sgd, middle conv groups={groups}"] = time_steps(lambda: cnn(groups), None, steps, 3)
-        rows[f"kfac, middle conv groups={groups}"] = time_steps(lambda: cnn(groups), dict(), steps, 3)
-        rows[f"kfac, middle conv groups={groups}, factors/10 inverses/100"] = time_steps(
-            lambda: cnn(groups), dict(factor_update_interval=10, inv_update_interval=100), steps, 3)
-    report(rows)
+        for name, cfg in (("sgd", None), ("kfac every step", dict()),
+                          ("kfac factors/10 inverses/100", dict(factor_update_interval=10, inv_update_interval=100))):
+            model = cnn(groups)
+            kfac = None
+            if cfg is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    kfac = ngd.KFAC(model, communicator=SingleProcessCommunicator(), strategy="comm-opt", **cfg)
+            variants[(groups, name)] = (model, kfac, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    times = {key: [] for key in variants}
+    for i, (x, y) in enumerate(batches(steps + 3)):
+        for key, (model, kfac, opt) in variants.items():
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if kfac is not None:
+                kfac.step()
+            opt.step()
+            if i >= 3:
+                times[key].append(time.perf_counter() - t0)
+    print(f"{'middle conv':12s} {'variant':32s} {'median ms':>9s} {'mean ms':>8s} {'/ its SGD (median)':>19s} layers")
+    for (groups, name), t in times.items():
+        base = statistics.median(times[(groups, "sgd")])
+        kfac = variants[(groups, name)][1]
+        print(f"groups={groups:<5d} {name:32s} {1e3 * statistics.median(t):9.2f} {1e3 * statistics.mean(t):8.2f} "
+              f"{statistics.median(t) / base:19.2f} {len(kfac.layers) if kfac else ''}")
 
 
 def main() -> None:
