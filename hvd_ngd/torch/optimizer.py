@@ -60,7 +60,8 @@ class _SPNGDOptimizer:
 def _kaisa_step(self: Any, closure: Any = None) -> Any:
     """``step`` of a ``hvd.DistributedOptimizer`` wrapped with KAISA preconditioning."""
     if self.kfac._backward_seen:
-        self.synchronize()
+        if not getattr(self, "_synchronized", False):  # the GradScaler recipe synchronizes before unscale_
+            self.synchronize()
         if amp.scaler_enabled(self.kfac.grad_scaler):
             amp.check_unscaled(self.kfac.grad_scaler, self)
         self.kfac.step(lr=self.param_groups[0]["lr"], hyperparameters=optimizer_hyperparameters(self))

@@ -92,8 +92,9 @@ class KFAC:
     ``hvd_ngd.torch.elastic.KFACState``'s sync and by the first ``step()``).
 
     Args:
-        model: the model; supported modules (Linear, Conv2d, BatchNorm1d/2d, SyncBatchNorm,
-            LayerNorm, Embedding) are registered, everything else keeps its plain gradient.
+        model: the model; supported modules (``SUPPORTED``; docs/layers.md has the table) are
+            registered, everything else keeps its plain gradient (a warning names the reason for
+            known layers that are skipped, e.g. ``nn.MultiheadAttention``).
         reduce_gradients: average gradients over ranks inside ``step()`` (required by
             ``strategy='spngd'``, which reduce-scatters them; set it when the optimizer is not
             a ``hvd.DistributedOptimizer``). With it, gradients of unregistered parameters are
