@@ -11,6 +11,7 @@ from hvd_ngd.enums import (
     FisherType,
     IntervalPolicy,
     InverseMethod,
+    LossFamily,
     LossReduction,
     Strategy,
     WireDtype,
@@ -77,8 +78,12 @@ class KFACConfig:
         inverse_method: EIGEN (exact damping, decompose once) or CHOLESKY (pi-corrected).
         pi_correction: split damping between A and G with pi (CHOLESKY only).
         fisher_type: EMPIRICAL (G from the gradients of the training loss with the true labels,
-            as the papers do). MONTE_CARLO (sampled labels) is reserved and rejected: no adapter
-            runs the extra backward pass it needs.
+            as the papers do) or MONTE_CARLO (``'mc'``, the 1-sample "true" Fisher: G and the
+            unit-wise F from an extra backward pass of the loss with labels sampled from the
+            model's predictive distribution, run only at steps where one of them is due; the
+            applied gradient stays the true-label gradient). MONTE_CARLO needs ``loss_family``.
+        loss_family: the training loss as a likelihood (``LossFamily``: ``'cross_entropy'`` or
+            ``'mse'``); required by, and only allowed with, ``fisher_type='mc'``.
         loss_reduction: whether the user's loss is a MEAN or SUM over the batch.
         strategy: distribution strategy (see ``Strategy``).
         grad_worker_fraction: KAISA fraction of ranks that receive each inverse in (0, 1];
@@ -123,6 +128,7 @@ class KFACConfig:
     inverse_method: InverseMethod = InverseMethod.EIGEN
     pi_correction: bool = True
     fisher_type: FisherType = FisherType.EMPIRICAL
+    loss_family: Optional[LossFamily] = None
     loss_reduction: LossReduction = LossReduction.MEAN
     strategy: Strategy = Strategy.COMM_OPT
     grad_worker_fraction: float = 1.0
@@ -144,11 +150,20 @@ class KFACConfig:
         self.interval_policy = _coerce_enum("interval_policy", self.interval_policy, IntervalPolicy)
         self.inverse_method = _coerce_enum("inverse_method", self.inverse_method, InverseMethod)
         self.fisher_type = _coerce_enum("fisher_type", self.fisher_type, FisherType)
-        if self.fisher_type is not FisherType.EMPIRICAL:
+        if self.loss_family is not None:
+            self.loss_family = _coerce_enum("loss_family", self.loss_family, LossFamily)
+        if self.fisher_type is FisherType.MONTE_CARLO and self.loss_family is None:
             raise _bad(
-                "fisher_type", self.fisher_type.value,
-                "'empirical': the Monte-Carlo Fisher needs a second backward pass with sampled labels, "
-                "which hvd_ngd's adapters do not run",
+                "loss_family", None,
+                "one of 'cross_entropy', 'mse' with fisher_type='mc': the Monte-Carlo Fisher samples labels "
+                "from the distribution whose negative log-likelihood is the loss, e.g. "
+                "KFAC(model, fisher_type='mc', loss_family='cross_entropy')",
+            )
+        if self.fisher_type is FisherType.EMPIRICAL and self.loss_family is not None:
+            raise _bad(
+                "loss_family", self.loss_family.value,
+                "None with fisher_type='empirical' (the empirical Fisher uses the true labels; "
+                "set fisher_type='mc' to sample them from the loss family)",
             )
         self.loss_reduction = _coerce_enum("loss_reduction", self.loss_reduction, LossReduction)
         self.strategy = _coerce_enum("strategy", self.strategy, Strategy)

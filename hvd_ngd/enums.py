@@ -34,6 +34,21 @@ class FisherType(str, enum.Enum):
     MONTE_CARLO = "mc"
 
 
+class LossFamily(str, enum.Enum):
+    """The training loss as a negative log-likelihood, from which the Monte-Carlo Fisher samples
+    labels (``fisher_type='mc'``).
+
+    CROSS_ENTROPY: softmax cross-entropy on logits (classes on the last axis); labels are drawn
+        from the categorical distribution softmax(logits).
+    MSE: squared error (f - y)^2 per element (torch's ``mse_loss``, Keras' ``MeanSquaredError``);
+        it is the negative log-likelihood of N(f, 1/2) up to a constant, so targets are drawn
+        as y = f + sqrt(1/2) * eps, eps ~ N(0, I), and E[g g^T] is the loss's Hessian 2I.
+    """
+
+    CROSS_ENTROPY = "cross_entropy"
+    MSE = "mse"
+
+
 class Strategy(str, enum.Enum):
     """Distribution strategy for factors, inverses and preconditioned gradients.
 

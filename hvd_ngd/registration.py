@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 L = TypeVar("L")
-MakeLayer = Callable[[str, Any], Tuple[Optional[L], Optional[str]]]
+MakeLayer = Callable[[str, Any], Tuple[Optional[Union[L, List[L]]], Optional[str]]]
 
 
 def register_layers(
@@ -28,7 +28,9 @@ def register_layers(
 
     Args:
         named_layers: (unique name, framework layer) pairs.
-        make_layer: the adapter's ``make_layer(name, layer) -> (registered or None, reason)``.
+        make_layer: the adapter's ``make_layer(name, layer) -> (registered or None, reason)``;
+            ``registered`` may be a list (one framework layer preconditioned as several blocks,
+            e.g. the groups of a grouped convolution), registered in its order.
         skip_layers: regular expressions (``KFACConfig.skip_layers``).
         adapter: e.g. ``"hvd_ngd.torch"``, for the error message.
         supported: the supported layer types, for the error message.
@@ -50,7 +52,10 @@ def register_layers(
                 skipped[name] = reason
                 warnings.warn(f"hvd_ngd: not preconditioning {name!r} ({type(layer).__name__}): {reason}", stacklevel=3)
             continue
-        layers.append(registered)
+        if isinstance(registered, list):
+            layers.extend(registered)
+        else:
+            layers.append(registered)
     if not layers:
         raise ValueError(f"{adapter}.KFAC found no supported layer ({supported}) in {model_name}; skipped: {skipped}")
     return layers, skipped

@@ -51,9 +51,9 @@ def ops_reshape(ops: ArrayOps, x: Array) -> Array:
 
 
 class FactorView(collections.abc.MutableMapping):
-    """The running factors keyed by their string names (``"layer/A"``), for inspection."""
+    """Per-statistic values keyed by their string names (``"layer/A"``), for inspection."""
 
-    def __init__(self, factors: Dict[StatKey, Array]) -> None:
+    def __init__(self, factors: Dict[StatKey, Any]) -> None:
         self._factors = factors
 
     def __getitem__(self, name: str) -> Array:
@@ -161,6 +161,11 @@ class Preconditioner:
         return list(self.stat_keys)
 
     @property
+    def inverses(self) -> FactorView:
+        """The decompositions / inverses this rank holds, by string name."""
+        return FactorView(self.state.inverses)
+
+    @property
     def factors(self) -> FactorView:
         """The running factors this rank holds, by string name (``"fc1/A"``)."""
         return FactorView(self.state.factors)
@@ -193,6 +198,10 @@ class Preconditioner:
     def overlap(self) -> bool:
         """Whether KAISA factor allreduces still start in the hooks (off after accumulation)."""
         return not self.statistics.accumulated
+
+    def has_curvature(self, layer: str) -> bool:
+        """Whether this rank holds what preconditioning ``layer`` needs."""
+        return self.blocks[layer].has_curvature(self.state.factors, self.state.inverses)
 
     def layer_owner(self, layer: str) -> int:
         """Rank that preconditions ``layer`` (and computes its inverses unless split)."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from hvd_ngd.config import KFACConfig
 from hvd_ngd.enums import Strategy
+from hvd_ngd.torch import amp
 from hvd_ngd.torch.preconditioner import KFAC, optimizer_hyperparameters
 
 
@@ -46,7 +47,11 @@ class _SPNGDOptimizer:
 
     def step(self, closure: Any = None) -> Any:
         if self.kfac._backward_seen:
+            if amp.scaler_enabled(self.kfac.grad_scaler):
+                amp.check_unscaled(self.kfac.grad_scaler, self)
             self.kfac.step(lr=self.param_groups[0]["lr"], hyperparameters=optimizer_hyperparameters(self))
+            if self.kfac.last_step_skipped:  # gradients overflowed on some rank: no rank updates
+                return None
         # Without a backward pass (e.g. hvd.broadcast_optimizer_state initialising state with
         # zero gradients) the step is a plain, local optimizer step on every rank.
         return super(self.__class__, self).step(closure)  # type: ignore[misc]
@@ -55,8 +60,13 @@ class _SPNGDOptimizer:
 def _kaisa_step(self: Any, closure: Any = None) -> Any:
     """``step`` of a ``hvd.DistributedOptimizer`` wrapped with KAISA preconditioning."""
     if self.kfac._backward_seen:
-        self.synchronize()
+        if not getattr(self, "_synchronized", False):  # the GradScaler recipe synchronizes before unscale_
+            self.synchronize()
+        if amp.scaler_enabled(self.kfac.grad_scaler):
+            amp.check_unscaled(self.kfac.grad_scaler, self)
         self.kfac.step(lr=self.param_groups[0]["lr"], hyperparameters=optimizer_hyperparameters(self))
+        if self.kfac.last_step_skipped:  # averaged gradients overflowed: the step is dropped
+            return None
         with self.skip_synchronize():
             return type(self).step(self, closure)
     return type(self).step(self, closure)
@@ -69,6 +79,7 @@ def DistributedOptimizer(
     backward_passes_per_step: int = 1,
     op: Any = None,
     grad_scaler: Any = None,
+    mc_sampler: Any = None,
     **config: Any,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so ``step()`` averages, preconditions and applies gradients.
@@ -80,7 +91,13 @@ def DistributedOptimizer(
         backward_passes_per_step: backward passes (micro-batches) per ``step()``; factors are
             averaged over them, gradients summed as Horovod does.
         op: ``hvd.Average`` (default); ``hvd.Adasum`` is rejected.
-        grad_scaler: optional ``torch.amp.GradScaler`` (see ``KFAC``).
+        grad_scaler: optional ``torch.amp.GradScaler`` (see ``KFAC``). Order per step:
+            ``scaler.scale(loss).backward()``; (KAISA strategies: ``optimizer.synchronize()``);
+            ``scaler.unscale_(optimizer)``; ``optimizer.step()``; ``scaler.update()``. Call
+            ``optimizer.step()`` itself, not ``scaler.step(optimizer)``: the scaler decides to
+            skip a step from this rank's gradients alone, while ``step()`` here agrees on an
+            overflow over all ranks (and skips the update and the K-FAC step everywhere).
+        mc_sampler: optional label sampler for ``fisher_type='mc'`` (see ``KFAC``).
         **config: ``hvd_ngd.KFACConfig`` fields; ``strategy`` defaults to ``'spngd'`` here.
 
     Returns:
@@ -94,11 +111,11 @@ def DistributedOptimizer(
     config.setdefault("strategy", Strategy.SPNGD)
     strategy = KFACConfig(**config).strategy
     if strategy is Strategy.SPNGD:
-        kfac = KFAC(model, reduce_gradients=True, grad_scaler=grad_scaler, **config)
+        kfac = KFAC(model, reduce_gradients=True, grad_scaler=grad_scaler, mc_sampler=mc_sampler, **config)
         members = {k: v for k, v in _SPNGDOptimizer.__dict__.items() if k not in ("__dict__", "__weakref__")}
         cls = type(optimizer.__class__.__name__, (optimizer.__class__,), members)
         return cls(optimizer.param_groups, kfac, backward_passes_per_step)
-    kfac = KFAC(model, reduce_gradients=False, grad_scaler=grad_scaler, **config)
+    kfac = KFAC(model, reduce_gradients=False, grad_scaler=grad_scaler, mc_sampler=mc_sampler, **config)
     if named_parameters is None:
         named_parameters = model.named_parameters()
     wrapped = hvd.DistributedOptimizer(

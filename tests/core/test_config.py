@@ -33,7 +33,8 @@ BAD = {
     "adaptive_growth": [1.0, 0.5, math.inf],
     "inverse_method": ["svd"],
     "pi_correction": [1, "yes", None],
-    "fisher_type": ["true", "mc"],
+    "fisher_type": ["true", "mc"],  # "mc" without a loss_family
+    "loss_family": ["hinge", "mse"],  # "mse" with the default fisher_type='empirical'
     "loss_reduction": ["none"],
     "strategy": ["allreduce", "comm_opt"],
     "grad_worker_fraction": [0.0, 1.5, -0.5, math.nan],

@@ -104,11 +104,12 @@ def test_hooks_that_never_fire_are_reported_by_name() -> None:
 
 
 def test_skip_layers_and_unsupported_layers() -> None:
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 3), nn.Linear(3, 2))
-    with pytest.warns(UserWarning, match="groups=2"):
-        kfac = ngd.KFAC(model, communicator=SingleProcessCommunicator(), skip_layers=["^2$"])
-    assert [layer.name for layer in kfac.layers] == ["3"]
-    assert kfac.skipped["2"] == "matched skip_layers"
+    model = nn.ModuleDict(dict(conv=nn.Conv2d(2, 4, 3, groups=2), emb=nn.Embedding(5, 3, sparse=True),
+                               fc=nn.Linear(4, 3), head=nn.Linear(3, 2)))
+    with pytest.warns(UserWarning, match="sparse=True"):
+        kfac = ngd.KFAC(model, communicator=SingleProcessCommunicator(), skip_layers=["^fc$"])
+    assert [layer.name for layer in kfac.layers] == ["conv#g0", "conv#g1", "head"]
+    assert kfac.skipped["fc"] == "matched skip_layers"
 
 
 def test_no_supported_layer_is_a_clear_error() -> None:
