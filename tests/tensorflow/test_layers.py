@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
@@ -15,7 +14,7 @@ import tensorflow as tf  # noqa: E402
 from hvd_ngd.communicator import SingleProcessCommunicator  # noqa: E402
 from hvd_ngd.tensorflow import KFAC  # noqa: E402
 
-keras = tf.keras
+import keras  # noqa: E402  (Keras 3)
 DAMPING = 0.05
 N = 5
 
@@ -34,7 +33,7 @@ def step(model, x, kfac):
         out = model(x, training=True)
         loss = tf.reduce_mean(tf.reduce_sum(tf.reshape(out, (N, -1)) ** 2, axis=1))
     layer = kfac.layers[0]
-    x_in, z = layer.records[0]
+    x_in, z = layer.records[0].inputs, layer.records[0].output
     g = tape.gradient(loss, z).numpy() * N
     plain = tape.gradient(loss, model.trainable_variables)
     pgrads = kfac.gradient(tape, loss, model.trainable_variables)

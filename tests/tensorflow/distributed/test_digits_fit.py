@@ -28,7 +28,7 @@ import tensorflow as tf
 from hvd_ngd.tensorflow.keras import DistributedOptimizer
 from hvd_ngd.tensorflow.keras.callbacks import MetricAverageCallback
 
-keras = tf.keras
+import keras  # noqa: E402  (Keras 3)
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "keras_digits.py"
 TARGET, MAX_EPOCHS, GLOBAL_BATCH, SEEDS = 0.97, 20, 512, (0, 1, 2, 3)
 SGD_LR = 0.2

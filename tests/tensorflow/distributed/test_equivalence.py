@@ -10,7 +10,7 @@ import tensorflow as tf
 from hvd_ngd.communicator import SingleProcessCommunicator
 from hvd_ngd.tensorflow import KFAC
 
-keras = tf.keras
+import keras  # noqa: E402  (Keras 3)
 LOCAL, STEPS = 4, 5
 
 
