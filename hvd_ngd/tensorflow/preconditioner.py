@@ -197,7 +197,8 @@ class KFAC:
         variables = list(variables)
         if not any(self._current(rec.output) for layer in self.layers for rec in layer.records):
             raise RuntimeError("hvd_ngd: no forward pass was recorded: run the model inside the tape before gradient()")
-        var_grads = tape.gradient(loss, variables)  # fills the records' output gradients
+        # fills the records' output gradients; TF variables as sources: Horovod's tape needs .ref()
+        var_grads = tape.gradient(loss, [_tf_variable(v) for v in variables])
         return self.precondition_gradients(var_grads, variables, lr=lr, hyperparameters=hyperparameters)
 
     def precondition_gradients(
@@ -372,6 +373,12 @@ class KFAC:
         """Restore the layers' original ``call`` methods (detach from the model)."""
         for layer in self.layers:
             layer.unwrap()
+
+
+def _tf_variable(v: Any) -> Any:
+    """The ``tf.Variable`` behind a Keras 3 variable (itself for anything else)."""
+    inner = getattr(v, "_value", None) if isinstance(v, keras.Variable) else None
+    return inner if isinstance(inner, tf.Variable) else v
 
 
 def _dense(g: Any, v: Any) -> tf.Tensor:

@@ -27,6 +27,7 @@ from hvd_ngd.communicator import SingleProcessCommunicator  # noqa: E402
 from hvd_ngd.tensorflow import KFAC  # noqa: E402
 
 import keras  # noqa: E402  (Keras 3)
+from tests.tensorflow.float_dtype import set_float_dtype  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 N, H, W, C_IN, C_OUT, VOCAB, DIM, TOKENS, HIDDEN, CLASSES = 6, 4, 4, 2, 3, 7, 3, 3, 5, 4
 EPS = 1e-3
@@ -111,9 +112,9 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(params=["float32", "float64"])
 def dtype(request):
-    keras.backend.set_floatx(request.param)
+    set_float_dtype(request.param)
     yield request.param
-    keras.backend.set_floatx("float32")
+    set_float_dtype("float32")
 
 
 def test_factors_and_preconditioned_gradients_match_torch(tmp_path: Path, dtype: str) -> None:
@@ -239,7 +240,7 @@ def test_model_fit_trajectory_matches_torch(tmp_path: Path) -> None:
 
     from hvd_ngd.tensorflow.keras import DistributedOptimizer
 
-    keras.backend.set_floatx("float64")
+    set_float_dtype("float64")
     try:
         images, labels = load_digits(return_X_y=True)
         rng = np.random.default_rng(0)
@@ -282,4 +283,4 @@ def test_model_fit_trajectory_matches_torch(tmp_path: Path) -> None:
         assert moved > 0.1
         assert all(e < 1e-9 for e in errors.values()), errors
     finally:
-        keras.backend.set_floatx("float32")
+        set_float_dtype("float32")
