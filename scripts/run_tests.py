@@ -67,7 +67,9 @@ def run_phase(name: str) -> Tuple[str, float, int, int]:
     cmd, path, timeout = PHASES[name]
     if not (ROOT / path).is_dir():
         return "SKIPPED (no tests)", 0.0, 0, 0
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    if name.startswith("tf"):
+        env.pop("TF_USE_LEGACY_KERAS", None)  # the TF tests run Keras 3 (tf.keras must not become tf-keras)
     env.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     start = time.time()
