@@ -1,7 +1,8 @@
 """The same network in PyTorch and Keras, with identical weights and inputs, gives the same
-captured factors (A, G, unit-wise F) and the same preconditioned gradients: to 1e-5 relative
+captured factors (A, G, unit-wise F) and the same preconditioned gradients: to 5e-5 relative
 (Frobenius) in float32, and to 1e-11 in float64, which shows that the float32 differences are
-rounding.
+rounding (factors agree to ~1e-6 in float32; the largest difference, ~2e-5, is BatchNorm's
+preconditioned gamma, where the ill-conditioned 2x2 unit-wise solves amplify F's rounding).
 
 The torch reference runs in a subprocess (a torch-only script, no Horovod) that writes an .npz;
 this TF process compares. Layouts differ only where the frameworks do: Conv2D patches are
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 N, H, W, C_IN, C_OUT, VOCAB, DIM, TOKENS, HIDDEN, CLASSES = 6, 4, 4, 2, 3, 7, 3, 3, 5, 4
 EPS = 1e-3
 CONFIG = dict(damping=0.05, factor_decay=0.0, kl_clip=None, strategy="comm-opt")
-TOLERANCE = {"float32": 1e-5, "float64": 1e-11}
+TOLERANCE = {"float32": 5e-5, "float64": 1e-11}
 
 TORCH_SCRIPT = textwrap.dedent(
     """
