@@ -130,14 +130,10 @@ def test_jit_compile_is_turned_off_with_a_warning() -> None:
 
 
 def test_rejects_unsupported_optimizers_models_and_bad_config() -> None:
-    import tf_keras
-
     model = make_model()
     comm = SingleProcessCommunicator()
     with pytest.raises(TypeError, match="Keras 3 optimizer"):
         DistributedOptimizer(object(), model, communicator=comm)
-    with pytest.raises(TypeError, match=r"tf-keras \(Keras 2\) optimizer SGD.*TF_USE_LEGACY_KERAS"):
-        DistributedOptimizer(tf_keras.optimizers.SGD(0.1), model, communicator=comm)
     with pytest.raises(TypeError, match="LossScaleOptimizer"):
         DistributedOptimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1)), model, communicator=comm)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
@@ -146,6 +142,15 @@ def test_rejects_unsupported_optimizers_models_and_bad_config() -> None:
         DistributedOptimizer(keras.optimizers.SGD(0.1, loss_scale_factor=128.0), model, communicator=comm)
     with pytest.raises(ValueError, match="damping"):
         DistributedOptimizer(keras.optimizers.SGD(0.1), model, communicator=comm, damping=-1.0)
+
+
+def test_rejects_tf_keras_optimizers_and_models() -> None:
+    """tf-keras (Keras 2, ``TF_USE_LEGACY_KERAS=1``) objects are refused with the fix."""
+    tf_keras = pytest.importorskip("tf_keras")
+    model = make_model()
+    comm = SingleProcessCommunicator()
+    with pytest.raises(TypeError, match=r"tf-keras \(Keras 2\) optimizer SGD.*TF_USE_LEGACY_KERAS"):
+        DistributedOptimizer(tf_keras.optimizers.SGD(0.1), model, communicator=comm)
     legacy_model = tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(2)])
     with pytest.raises(TypeError, match=r"tf-keras \(Keras 2\) model"):
         KFAC(legacy_model, communicator=comm)
