@@ -274,36 +274,45 @@ class KFAC:
         lr: LearningRate,
         hyperparameters: Mapping[str, Scalar],
     ) -> List[tf.Tensor]:
-        """Run ``precondition`` eagerly from inside a traced function (``tf.py_function``).
+        """Run the engine's step eagerly from inside a traced function (``tf.py_function``).
 
-        ``lr`` and the ``hyperparameters`` values enter the function as float64 inputs, so
-        their values at run time (not at trace time) are used and compared across ranks.
+        The layout work stays in the graph: the gradient matrices are built before the
+        ``tf.py_function`` and split back into per-variable gradients after it; inside run the
+        statistics of the due factors and the engine's step. ``lr`` and the ``hyperparameters``
+        values enter as float64 inputs, so their values at run time (not at trace time) are
+        used and compared across ranks.
         """
-        dense = [_dense(g, v) for g, v in zip(var_grads, variables)]
+        grads, index, others = self._gradient_layout(var_grads, variables)
+        matrices = [layer.grad_matrix([grads[index[id(v)]] for v in layer.variables()]) for layer in self.layers]
+        other_grads = [grads[i] for i in others]
         xs = [rec.inputs for _, rec in records]
         zs = [rec.output for _, rec in records]
         gs = [rec.grad for _, rec in records]
         names = list(hyperparameters)
         scalars = ([] if lr is None else [lr]) + [hyperparameters[n] for n in names]
         extra = [tf.cast(tf.convert_to_tensor(v), tf.float64) for v in scalars]
-        n_v, n_r, n_h = len(dense), len(records), len(names)
+        n_m, n_o, n_r, n_h = len(matrices), len(other_grads), len(records), len(names)
 
         def eager(*tensors: tf.Tensor) -> List[tf.Tensor]:
-            grads = list(tensors[:n_v])
-            xs_e, zs_e = tensors[n_v : n_v + n_r], tensors[n_v + n_r : n_v + 2 * n_r]
-            gs_e = tensors[n_v + 2 * n_r : n_v + 3 * n_r]
-            extra_e = tensors[n_v + 3 * n_r :]
+            mats, rest = tensors[:n_m], tensors[n_m + n_o :]
+            xs_e, zs_e, gs_e, extra_e = rest[:n_r], rest[n_r : 2 * n_r], rest[2 * n_r : 3 * n_r], rest[3 * n_r :]
             if lr is not None:
                 self.set_lr(extra_e[0])
             values = {n: _to_float(v) for n, v in zip(names, extra_e[len(extra_e) - n_h :])} if n_h else None
-            recs = [(layer, Record(x, z, g)) for (layer, _), x, z, g in zip(records, xs_e, zs_e, gs_e)]
-            pgrads = self.precondition(grads, variables, recs, hyperparameters=values)
-            return [tf.convert_to_tensor(g) for g in pgrads]
+            self._accumulate_statistics([(layer, Record(x, z, g)) for (layer, _), x, z, g in zip(records, xs_e, zs_e, gs_e)])
+            pgrads, other_out = self.engine.reduce_and_step(
+                {layer.name: m for layer, m in zip(self.layers, mats)}, list(tensors[n_m : n_m + n_o]),
+                self.reduce_gradients, values,
+            )
+            return [tf.convert_to_tensor(pgrads[layer.name]) for layer in self.layers] + [
+                tf.convert_to_tensor(g) for g in other_out
+            ]
 
-        out = tf.py_function(eager, inp=dense + xs + zs + gs + extra, Tout=[g.dtype for g in dense])
-        for o, g in zip(out, dense):
-            o.set_shape(g.shape)
-        return list(out)
+        inputs = matrices + other_grads + xs + zs + gs + extra
+        out = tf.py_function(eager, inp=inputs, Tout=[t.dtype for t in matrices + other_grads])
+        for o, t in zip(out, matrices + other_grads):
+            o.set_shape(t.shape)
+        return self._assemble(grads, index, others, list(out[:n_m]), list(out[n_m:]))
 
     def set_lr(self, lr: Any) -> None:
         """Set the learning rate KL clipping uses (eager value)."""
@@ -326,6 +335,18 @@ class KFAC:
             records: (layer, record) of this step's forward calls, output gradients filled in.
             hyperparameters: the caller's values to compare across ranks (see ``gradient``).
         """
+        self._accumulate_statistics(records)
+        grads, index, others = self._gradient_layout(grads, variables)
+        matrices = {
+            layer.name: layer.grad_matrix([grads[index[id(v)]] for v in layer.variables()]) for layer in self.layers
+        }
+        pgrads, other_out = self.engine.reduce_and_step(
+            matrices, [grads[i] for i in others], self.reduce_gradients, hyperparameters
+        )
+        return self._assemble(grads, index, others, [pgrads[layer.name] for layer in self.layers], other_out)
+
+    def _accumulate_statistics(self, records: _Captured) -> None:
+        """Hand the engine this step's due statistics (A, G, unit-wise F) of eager records."""
         wanted = self.engine.capture_plan()
         mean = self.config.loss_reduction is LossReduction.MEAN
         for layer, rec in records:
@@ -340,25 +361,34 @@ class KFAC:
             if "F" in due and isinstance(layer, NormLayer):
                 f = capture.f_statistic(self.ops, layer.spec, layer.x_hat(z), layer.g_output(g), scale)
                 self.engine.accumulate(layer.name, "F", f)
+
+    def _gradient_layout(
+        self, grads: Sequence[Any], variables: Sequence[Any]
+    ) -> Tuple[List[tf.Tensor], Dict[int, int], List[int]]:
+        """Dense gradients, variable id -> position, and positions of unregistered variables.
+
+        Raises:
+            ValueError: a registered layer's variable is not among ``variables``.
+        """
         index = {id(v): i for i, v in enumerate(variables)}
-        grads = [_dense(g, v) for g, v in zip(grads, variables)]
+        dense = [_dense(g, v) for g, v in zip(grads, variables)]
         missing = [layer.name for layer in self.layers if any(id(v) not in index for v in layer.variables())]
         if missing:
             raise ValueError(f"hvd_ngd: gradient() needs the variables of every registered layer; missing: {missing}")
         covered = {id(v) for layer in self.layers for v in layer.variables()}
-        others = [i for i, v in enumerate(variables) if id(v) not in covered]
-        matrices = {
-            layer.name: layer.grad_matrix([grads[index[id(v)]] for v in layer.variables()]) for layer in self.layers
-        }
-        pgrads, other_out = self.engine.reduce_and_step(
-            matrices, [grads[i] for i in others], self.reduce_gradients, hyperparameters
-        )
-        for layer in self.layers:
-            for v, g in zip(layer.variables(), layer.split_matrix(pgrads[layer.name])):
-                grads[index[id(v)]] = g
+        return dense, index, [i for i, v in enumerate(variables) if id(v) not in covered]
+
+    def _assemble(
+        self, grads: List[Any], index: Dict[int, int], others: List[int], pgrads: List[Any], other_out: Sequence[Any]
+    ) -> List[tf.Tensor]:
+        """Per-variable gradients from the layers' preconditioned matrices and the other gradients."""
+        out = list(grads)
+        for layer, mat in zip(self.layers, pgrads):
+            for v, g in zip(layer.variables(), layer.split_matrix(mat)):
+                out[index[id(v)]] = g
         for i, g in zip(others, other_out):
-            grads[i] = g
-        return grads
+            out[i] = g
+        return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
