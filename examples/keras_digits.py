@@ -16,7 +16,8 @@ time).
 Hyperparameters (2 ranks; the sweep is in tests/tensorflow/distributed/test_digits_fit.py):
 natural gradient pays off in the large-batch regime, so the global batch is 512 (2 steps per
 epoch, the remainder of each epoch is dropped). K-FAC: spngd, damping 3e-2, no KL clipping,
-lr 0.1; SGD-momentum lr 0.2; Adam 1e-2. Measured with seed 0 (30 epochs): epochs to 97% SGD 14,
+lr 0.1; SGD-momentum lr 0.2; Adam 1e-2. Measured with seed 0 (30 epochs; with tf-keras, before the move
+to Keras 3, not re-measured since): epochs to 97% SGD 14,
 K-FAC 6, Adam 15. At global batch 64 with the torch example's settings (K-FAC lr 0.2, damping
 3e-3, kl_clip 1e-2; SGD lr 0.1) both need 4 epochs. The Keras and torch adapters compute the
 same steps (tests/tensorflow/test_cross_framework.py follows a 12-step trajectory to 1e-13):

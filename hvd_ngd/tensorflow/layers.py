@@ -103,6 +103,7 @@ class KerasLayer:
         self.kind = spec.kind
         self.records: List[Record] = []
         self._original_call: Optional[Any] = None
+        self._original_supports_jit = True
 
     def variables(self) -> List[Any]:
         """Variables preconditioned by this layer (weight first, then bias)."""
@@ -156,12 +157,14 @@ class KerasLayer:
         self.layer.call = call
         # Keras 3 compiles model.fit's step with XLA by default (jit_compile="auto" asks every
         # layer); Horovod's collectives and the K-FAC step are not XLA ops.
+        self._original_supports_jit = getattr(self.layer, "supports_jit", True)
         self.layer.supports_jit = False
 
     def unwrap(self) -> None:
         """Restore the layer's original ``call``."""
         if self._original_call is not None:
             self.layer.call = self._original_call
+            self.layer.supports_jit = self._original_supports_jit
             self._original_call = None
         self.records.clear()
 

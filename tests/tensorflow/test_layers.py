@@ -269,9 +269,11 @@ def test_registration_nested_names_skips_and_unsupported_axes() -> None:
         loss = tf.reduce_mean(model(x) ** 2)
     grads = kfac.gradient(tape, loss, model.trainable_variables)
     assert len(grads) == len(model.trainable_variables) and kfac.steps == 1
+    assert not any(layer.layer.supports_jit for layer in kfac.layers)  # Keras 3 must not XLA-compile the step
     kfac.remove_hooks()
     model(x)
     assert all(not layer.records for layer in kfac.layers)
+    assert all(layer.layer.supports_jit for layer in kfac.layers)
 
 
 def test_unbuilt_model_and_spngd_without_reduction_are_rejected() -> None:
