@@ -123,7 +123,9 @@ def run_phase(name: str) -> Tuple[str, float, int, int]:
         print(f"\n=== {name}: SKIPPED: the test hosts are network namespaces, which need root "
               "(run as root, e.g. sudo make test)", flush=True)
         return "SKIPPED (needs root)", 0.0, 0, 0
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    if name.startswith("tf"):
+        env.pop("TF_USE_LEGACY_KERAS", None)  # the TF tests run Keras 3 (tf.keras must not become tf-keras)
     env.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     start = time.time()

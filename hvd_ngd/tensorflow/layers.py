@@ -1,10 +1,12 @@
-"""Per-Keras-layer capture: canonical layouts, gradient matrices and ``LayerSpec``s.
+"""Per-Keras-layer capture (Keras 3): canonical layouts, gradient matrices and ``LayerSpec``s.
 
-Each supported layer's ``call`` is wrapped so that every forward pass records its input and its
-*pre-activation* output z: Dense and Conv2D run their original ``call`` with the activation
-temporarily set to linear, record ``(inputs, z)`` and then apply the activation themselves.
-``tape.gradient(loss, variables + zs)`` then gives, from the same tape, the variables' gradients
-and the output gradients the G factor needs. Only reshapes live here; the curvature math is the
+Each supported layer's ``call`` is wrapped so that every training forward pass records its input
+and its *pre-activation* output z: Dense and Conv2D run their original ``call`` with the
+activation temporarily set to linear, pass z through an identity whose custom gradient stores
+the incoming gradient dL/dz in the record, and then apply the activation themselves. Whoever
+asks the tape for the variables' gradients (``model.fit``'s ``train_step``, or
+``KFAC.gradient``) thereby also fills in the output gradients the G factor needs, in the same
+traced graph, without differentiating twice. Only reshapes live here; the curvature math is the
 core's (``hvd_ngd.capture``).
 
 Keras layouts mapped onto the core's canonical ones:
@@ -15,6 +17,9 @@ Keras layouts mapped onto the core's canonical ones:
     Embedding: embeddings (V, D) -> gradient matrix dense(grad)^T (D, V).
     BatchNormalization / LayerNormalization over the last axis: unit-wise (2, C) matrix
         [grad_gamma; grad_beta]; x_hat = (y - beta) / gamma (0 where gamma == 0) in (N, C, L).
+Other layers with trainable weights (EinsumDense, MultiHeadAttention's projections, Conv1D/3D,
+depthwise/separable/transposed convolutions, GroupNormalization, ...) are not preconditioned: they
+are reported with the reason and keep their plain (averaged) gradients.
 """
 
 from __future__ import annotations
@@ -27,13 +32,48 @@ import tensorflow as tf
 from hvd_ngd import unitwise
 from hvd_ngd.enums import LayerKind
 from hvd_ngd.layer_spec import LayerSpec
+from hvd_ngd.tensorflow.keras_version import require_keras
 from hvd_ngd.tensorflow.ops import TFOps
 
 _OPS = TFOps()
 
-keras = tf.keras
+keras = require_keras()
 
-Record = Tuple[Any, tf.Tensor]  # (layer input, pre-activation output) of one forward call
+
+class Record:
+    """One recorded forward call of a registered layer.
+
+    Attributes:
+        inputs: the layer's input.
+        output: its pre-activation output z (the tensor the rest of the model consumed).
+        grad: dL/dz, set when the tape differentiates through z (None until then, and for
+            calls that do not contribute to the differentiated loss).
+    """
+
+    __slots__ = ("inputs", "output", "grad")
+
+    def __init__(self, inputs: Any, output: tf.Tensor, grad: Optional[tf.Tensor] = None) -> None:
+        self.inputs = inputs
+        self.output = output
+        self.grad = grad
+
+    @classmethod
+    def capture(cls, inputs: Any, z: tf.Tensor) -> "Record":
+        """A record whose ``output`` is z behind an identity that stores dL/dz in ``grad``
+        whenever a tape differentiates through it (eagerly, or while tracing the backward
+        pass into the same graph)."""
+        record = cls(inputs, z)
+
+        @tf.custom_gradient
+        def identity(t: tf.Tensor) -> Any:
+            def grad(dy: tf.Tensor) -> tf.Tensor:
+                record.grad = dy
+                return dy
+
+            return tf.identity(t), grad
+
+        record.output = identity(z)
+        return record
 
 
 def _tape_active() -> bool:
@@ -53,9 +93,9 @@ class KerasLayer:
         name: unique name (identical on every rank; nested models give ``outer/inner``).
         layer: the Keras layer.
         spec: its framework-neutral description.
-        records: ``(input, pre-activation output)`` of the forward calls since the last
-            ``KFAC.gradient``: eager tensors of calls made while a tape records, or symbolic
-            tensors of traced functions (once per trace; ``gradient`` keeps its own graph's).
+        records: the forward calls since the last ``KFAC`` step: eager calls made while a tape
+            records, or symbolic calls of traced functions (once per trace; the step keeps
+            its own graph's).
     """
 
     kind: LayerKind
@@ -67,8 +107,9 @@ class KerasLayer:
         self.kind = spec.kind
         self.records: List[Record] = []
         self._original_call: Optional[Any] = None
+        self._original_supports_jit = True
 
-    def variables(self) -> List[tf.Variable]:
+    def variables(self) -> List[Any]:
         """Variables preconditioned by this layer (weight first, then bias)."""
         raise NotImplementedError
 
@@ -112,15 +153,22 @@ class KerasLayer:
                 if activation is not None:
                     layer.activation = activation
             if not tf.executing_eagerly() or _tape_active():  # eager calls outside a tape: inference
-                records.append((inputs, z))
+                record = Record.capture(inputs, z)
+                records.append(record)
+                z = record.output
             return activation(z) if activation is not None else z
 
         self.layer.call = call
+        # Keras 3 compiles model.fit's step with XLA by default (jit_compile="auto" asks every
+        # layer); Horovod's collectives and the K-FAC step are not XLA ops.
+        self._original_supports_jit = getattr(self.layer, "supports_jit", True)
+        self.layer.supports_jit = False
 
     def unwrap(self) -> None:
         """Restore the layer's original ``call``."""
         if self._original_call is not None:
             self.layer.call = self._original_call
+            self.layer.supports_jit = self._original_supports_jit
             self._original_call = None
         self.records.clear()
 
@@ -128,7 +176,7 @@ class KerasLayer:
 class DenseLayer(KerasLayer):
     """``Dense``: activations (N, in); leading dimensions fold into N."""
 
-    def variables(self) -> List[tf.Variable]:
+    def variables(self) -> List[Any]:
         return [self.layer.kernel] + ([self.layer.bias] if self.layer.use_bias else [])
 
     def a_input(self, x: tf.Tensor) -> tf.Tensor:
@@ -166,7 +214,7 @@ class Conv2DLayer(DenseLayer):
 class EmbeddingLayer(KerasLayer):
     """``Embedding``: A is diagonal (token frequencies); gradient matrix is dense(grad)^T."""
 
-    def variables(self) -> List[tf.Variable]:
+    def variables(self) -> List[Any]:
         return [self.layer.embeddings]
 
     def a_input(self, x: tf.Tensor) -> tf.Tensor:
@@ -185,7 +233,7 @@ class EmbeddingLayer(KerasLayer):
 class NormLayer(KerasLayer):
     """``BatchNormalization`` / ``LayerNormalization`` over the last axis: unit-wise blocks."""
 
-    def variables(self) -> List[tf.Variable]:
+    def variables(self) -> List[Any]:
         return [self.layer.gamma, self.layer.beta]
 
     def to_ncl(self, t: tf.Tensor) -> tf.Tensor:
@@ -210,24 +258,41 @@ class NormLayer(KerasLayer):
 
 
 def _normalizes_last_axis(layer: Any) -> bool:
-    """Whether a built normalization layer normalizes (BN) / scales (LN) only the last axis."""
+    """Whether a built Keras 3 normalization layer normalizes (BN) / scales (LN) only the last axis."""
     axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
-    shape = getattr(layer, "_build_input_shape", None)
-    ndim = len(shape) if shape is not None else None
     if len(axes) != 1:
         return False
+    spec = getattr(layer, "input_spec", None)  # BatchNormalization sets ndim in build
+    ndim = getattr(spec, "ndim", None) if spec is not None and not isinstance(spec, (list, tuple)) else None
+    if ndim is None:
+        shapes = getattr(layer, "_build_shapes_dict", None) or {}
+        shape = next(iter(shapes.values()), None)
+        ndim = len(shape) if shape is not None else None
     axis = int(axes[0])
     return axis == -1 or (ndim is not None and axis == ndim - 1)
 
 
-def make_layer(name: str, layer: Any) -> Tuple[Optional[KerasLayer], Optional[str]]:
-    """A ``KerasLayer`` for a supported (built) layer, or (None, reason why not).
+def _dense_like_problem(layer: Any) -> Optional[str]:
+    """Why a Dense / Conv2D / Embedding cannot be preconditioned (LoRA, quantization), or None."""
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA is enabled (its low-rank factors, not the kernel, are trained)"
+    if getattr(layer, "quantization_mode", None):
+        return f"quantized layer (quantization_mode={layer.quantization_mode!r})"
+    return None
 
-    The reason is None for layer types hvd_ngd does not handle at all (they keep their plain
-    gradients silently); it is a string for supported types in an unsupported configuration.
+
+def make_layer(name: str, layer: Any) -> Tuple[Optional[KerasLayer], Optional[str]]:
+    """A ``KerasLayer`` for a supported (built) Keras 3 layer, or (None, reason why not).
+
+    The reason is None for layers without trainable weights of their own (nothing to
+    precondition); it is a string for supported types in an unsupported configuration and for
+    every other layer type that has trainable weights (they keep their plain gradients).
     """
     L = keras.layers
-    if type(layer) is L.Conv2D:
+    kind = type(layer)
+    if kind in (L.Conv2D, L.Dense, L.Embedding) and _dense_like_problem(layer):
+        return None, _dense_like_problem(layer)
+    if kind is L.Conv2D:
         if layer.groups != 1 or tuple(layer.dilation_rate) != (1, 1) or layer.data_format != "channels_last":
             return None, "only groups=1, dilation 1, channels_last Conv2D is supported"
         if layer.padding not in ("valid", "same"):
@@ -236,18 +301,23 @@ def make_layer(name: str, layer: Any) -> Tuple[Optional[KerasLayer], Optional[st
         cin = int(layer.kernel.shape[2])
         spec = LayerSpec(name, LayerKind.CONV2D, kh * kw * cin, layer.filters, layer.use_bias)
         return Conv2DLayer(name, layer, spec), None
-    if type(layer) is L.Dense:
+    if kind is L.Dense:
         spec = LayerSpec(name, LayerKind.LINEAR, int(layer.kernel.shape[0]), layer.units, layer.use_bias)
         return DenseLayer(name, layer, spec), None
-    if type(layer) is L.Embedding:
+    if kind is L.Embedding:
         spec = LayerSpec(name, LayerKind.EMBEDDING, layer.input_dim, layer.output_dim, False)
         return EmbeddingLayer(name, layer, spec), None
-    if type(layer) in (L.BatchNormalization, L.LayerNormalization):
-        if not (layer.scale and layer.center):
-            return None, "needs scale=True and center=True"
+    if kind in (L.BatchNormalization, L.LayerNormalization):
+        if not (layer.scale and layer.center) or getattr(layer, "rms_scaling", False):
+            return None, "needs scale=True and center=True (and no rms_scaling)"
         if len(layer.gamma.shape) != 1 or not _normalizes_last_axis(layer):
             return None, "only normalization over the last axis (channels_last) is supported"
         units = int(math.prod(layer.gamma.shape))
-        kind = LayerKind.BATCHNORM if type(layer) is L.BatchNormalization else LayerKind.LAYERNORM
-        return NormLayer(name, layer, LayerSpec(name, kind, units, units, True)), None
+        norm = LayerKind.BATCHNORM if kind is L.BatchNormalization else LayerKind.LAYERNORM
+        return NormLayer(name, layer, LayerSpec(name, norm, units, units, True)), None
+    if getattr(layer, "_trainable_variables", None) and layer.trainable:
+        return None, (
+            f"hvd_ngd has no curvature block for {kind.__name__} (supported: Dense, Conv2D, Embedding, "
+            "BatchNormalization, LayerNormalization); its weights keep their plain averaged gradients"
+        )
     return None, None

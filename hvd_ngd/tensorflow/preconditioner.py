@@ -1,4 +1,4 @@
-"""``hvd_ngd.tensorflow.KFAC``: K-FAC / SP-NGD preconditioning for Keras models.
+"""``hvd_ngd.tensorflow.KFAC``: K-FAC / SP-NGD preconditioning for Keras 3 models.
 
 Usage in a custom loop (eager or inside ``tf.function``)::
 
@@ -11,16 +11,19 @@ Usage in a custom loop (eager or inside ``tf.function``)::
 With ``hvd.DistributedGradientTape`` the variables' gradients arrive averaged (KAISA strategies,
 ``reduce_gradients=False``); with a plain tape pass ``reduce_gradients=True`` (required for
 ``'spngd'``, which reduce-scatters gradients together with the curvature statistics).
+``hvd_ngd.tensorflow.keras.DistributedOptimizer`` calls ``precondition_gradients`` from the
+optimizer's ``apply`` with the gradients ``model.fit``'s ``train_step`` computed.
 
-What is traced and what runs eagerly: every forward call of a registered layer records its input
-and pre-activation output (in a ``tf.function`` these are symbolic tensors of the traced graph;
-all registered layers are captured on every step, the engine later uses only the statistics
-that are due). ``gradient`` asks the tape for the variables' and the outputs' gradients in one
-call (traced with the backward pass). The K-FAC step itself -- batch statistics, Horovod
+What is traced and what runs eagerly: every training forward call of a registered layer records
+its input and pre-activation output, and the tape's backward pass stores the output's gradient
+in the record (``hvd_ngd.tensorflow.layers.Record``); in a ``tf.function`` these are symbolic
+tensors of the traced graph (all registered layers are captured on every step, the engine later
+uses only the statistics that are due). The K-FAC step itself -- batch statistics, Horovod
 collectives, decompositions, preconditioning, KL clipping and the stale-statistics schedule --
 runs eagerly: directly when called eagerly, and inside one ``tf.py_function`` when traced, so
 Python control flow on the step count works inside ``model.fit``'s compiled ``train_step``. A
-``tf.py_function`` cannot be XLA-compiled: ``jit_compile=True`` is not supported.
+``tf.py_function`` cannot be XLA-compiled: registered layers report ``supports_jit=False``, so
+Keras compiles the step without XLA.
 """
 
 from __future__ import annotations
@@ -34,58 +37,65 @@ from hvd_ngd import capture
 from hvd_ngd.communicator import Communicator
 from hvd_ngd.config import KFACConfig
 from hvd_ngd.consistency import check_consistent
-from hvd_ngd.enums import LossReduction
+from hvd_ngd.enums import FisherType, LossReduction
+from hvd_ngd.stale import StalenessCounts
 from hvd_ngd.preconditioner import Preconditioner
 from hvd_ngd.registration import register_layers
+from hvd_ngd.tensorflow.keras_version import require_keras, require_keras_object
 from hvd_ngd.tensorflow.layers import KerasLayer, NormLayer, Record, make_layer
 from hvd_ngd.tensorflow.ops import TFOps
 
-LearningRate = Union[None, float, tf.Tensor, tf.Variable]
-Scalar = Union[float, tf.Tensor, tf.Variable]
+keras = require_keras()
+LearningRate = Union[None, float, tf.Tensor, tf.Variable, Any]
+Scalar = Union[float, tf.Tensor, tf.Variable, Any]
 _Captured = List[Tuple[KerasLayer, Record]]
 
 
+def _is_scalar_number(value: Any) -> bool:
+    """A scalar float/int tensor or (TF or Keras 3) variable."""
+    if isinstance(value, keras.Variable):
+        return len(value.shape) == 0 and ("float" in str(value.dtype) or "int" in str(value.dtype))
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return value.shape.rank == 0 and (value.dtype.is_floating or value.dtype.is_integer)
+    return False
+
+
 def optimizer_hyperparameters(optimizer: Any) -> Dict[str, Scalar]:
-    """Numeric hyperparameters of a tf-keras optimizer, for the per-step rank-consistency check.
+    """Numeric hyperparameters of a Keras 3 optimizer, for the per-step rank-consistency check.
 
     Pass the result as ``KFAC.gradient(..., hyperparameters=...)``. It holds the public numeric
-    attributes of tf-keras optimizers (``momentum``, ``beta_1``, ``epsilon``, ``ema_momentum``,
-    ``weight_decay`` or ``clipnorm`` when set, ...) and, for legacy optimizers, the entries of
-    their hyperparameter table (``momentum``, ``decay``, ``beta_1``, ...), as floats, tensors
-    or variables, so it can be called inside a ``tf.function`` (e.g. ``model.fit``'s train
-    step). The learning rate is left out: pass it as ``lr`` (compared as ``lr``).
+    attributes (``momentum``, ``beta_1``, ``epsilon``, ``ema_momentum``, ``weight_decay`` or
+    ``clipnorm`` when set, ...) as floats, tensors or variables, so it can be called inside a
+    ``tf.function`` (e.g. ``model.fit``'s train step). The learning rate is left out: pass it
+    as ``lr`` (compared as ``lr``).
 
     Args:
-        optimizer: a tf-keras optimizer (new or legacy).
+        optimizer: a Keras 3 optimizer.
 
     Returns:
         Name -> value, the same names on every rank that builds the same optimizer.
     """
-    items = [(k, v) for k, v in vars(optimizer).items() if not k.startswith("_")]
-    hyper = getattr(optimizer, "_hyper", None)  # legacy OptimizerV2
-    if isinstance(hyper, dict):
-        items += list(hyper.items())
     out: Dict[str, Scalar] = {}
-    for key, value in sorted(items, key=lambda item: item[0]):
-        if key in ("learning_rate", "lr") or isinstance(value, bool):
+    for key, value in sorted(vars(optimizer).items(), key=lambda item: item[0]):
+        if key.startswith("_") or key in ("learning_rate", "lr") or isinstance(value, bool):
             continue
         if isinstance(value, (int, float)):
             out[key] = float(value)
-        elif isinstance(value, (tf.Tensor, tf.Variable)) and value.shape.rank == 0:
-            if value.dtype.is_floating or value.dtype.is_integer:
-                out[key] = value
+        elif _is_scalar_number(value):
+            out[key] = value
     return out
 
 
 class KFAC:
-    """Natural-gradient preconditioner for a Keras model.
+    """Natural-gradient preconditioner for a Keras 3 model.
 
     Registers Dense, Conv2D, Embedding (Kronecker-factored) and BatchNormalization /
-    LayerNormalization (unit-wise) layers, including those of nested models; other layers keep
-    their plain gradients. Construction runs one rank-consistency collective.
+    LayerNormalization (unit-wise) layers, including those of nested models and layers; other
+    layers with weights keep their plain gradients (a warning names each with the reason).
+    Construction runs one rank-consistency collective.
 
     Args:
-        model: a built Keras model (every rank builds the same one).
+        model: a built Keras 3 model (every rank builds the same one).
         reduce_gradients: average gradients over ranks inside ``gradient`` (required by
             ``strategy='spngd'``; leave False with ``hvd.DistributedGradientTape``). Gradients
             of unregistered variables are then averaged too.
@@ -93,6 +103,7 @@ class KFAC:
         **config: ``hvd_ngd.KFACConfig`` fields (same names as the torch adapter).
 
     Raises:
+        TypeError: a tf-keras (Keras 2) or non-Keras model.
         ValueError: bad configuration, unbuilt model, no supported layer, or ranks that disagree.
     """
 
@@ -104,7 +115,13 @@ class KFAC:
         communicator: Optional[Communicator] = None,
         **config: Any,
     ) -> None:
+        require_keras_object(model, keras.layers.Layer, "model")
         self.config = KFACConfig(**config)
+        if self.config.fisher_type is FisherType.MONTE_CARLO:
+            raise ValueError(
+                "fisher_type='mc' is not implemented in hvd_ngd.tensorflow yet (the sampled-label backward "
+                "pass exists in hvd_ngd.torch only): use fisher_type='empirical'"
+            )
         self.config.require_gradient_reduction(
             reduce_gradients,
             "pass reduce_gradients=True with a plain tf.GradientTape (or use "
@@ -140,12 +157,39 @@ class KFAC:
         """Number of preconditioned steps so far."""
         return self.engine.steps
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because some rank's gradients were not finite (their gradients came
+        back as zeros: only the optimizer's momentum moved the weights)."""
+        return self.engine.skipped_steps
+
+    def set_hyperparameters(self, **values: Any) -> None:
+        """Change ``lr``, ``damping``, ``factor_decay``, ``kl_clip``, ``factor_update_interval``
+        or ``inv_update_interval`` between steps (a schedule); every rank must do the same."""
+        self.engine.set_hyperparameters(**values)
+
+    @property
+    def hyperparameters(self) -> Dict[str, Any]:
+        """The current scheduled hyperparameters."""
+        return self.engine.scheduled_hyperparameters()
+
+    @property
+    def statistics_counts(self) -> StalenessCounts:
+        """Statistic and inverse computations done and skipped so far (stale statistics)."""
+        return self.engine.tracker.counts
+
+    def _skipped(self, pgrads: Dict[str, Any], other_out: List[Any]) -> Tuple[Dict[str, Any], List[Any]]:
+        """Zero gradients for a step every rank skips (some rank's gradients were not finite)."""
+        if not self.engine.last_step_skipped:
+            return pgrads, other_out
+        return {k: tf.zeros_like(v) for k, v in pgrads.items()}, [tf.zeros_like(g) for g in other_out]
+
     # ------------------------------------------------------------------ gradient
     def gradient(
         self,
         tape: tf.GradientTape,
         loss: tf.Tensor,
-        variables: Sequence[tf.Variable],
+        variables: Sequence[Any],
         *,
         lr: LearningRate = None,
         hyperparameters: Optional[Mapping[str, Scalar]] = None,
@@ -153,9 +197,9 @@ class KFAC:
         """Gradients of ``loss`` for ``variables``, preconditioned for the registered layers.
 
         Call it once per step, in place of ``tape.gradient``, on the tape that recorded the
-        model's forward pass (a non-persistent tape can be used: one ``tape.gradient`` call is
-        made). Gradients of other variables are returned plain (averaged when
-        ``reduce_gradients``); ``None`` gradients become zeros; Embedding gradients are dense.
+        model's forward pass (one ``tape.gradient`` call is made: a non-persistent tape works).
+        Gradients of other variables are returned plain (averaged when ``reduce_gradients``);
+        ``None`` gradients become zeros; Embedding gradients are dense.
 
         Args:
             tape: the tape of the forward pass (``hvd.DistributedGradientTape`` for KAISA
@@ -184,18 +228,45 @@ class KFAC:
         """
         _reject_adasum(tape)
         variables = list(variables)
+        if not any(self._current(rec.output) for layer in self.layers for rec in layer.records):
+            raise RuntimeError("hvd_ngd: no forward pass was recorded: run the model inside the tape before gradient()")
+        # fills the records' output gradients; TF variables as sources: Horovod's tape needs .ref()
+        var_grads = tape.gradient(loss, [_tf_variable(v) for v in variables])
+        return self.precondition_gradients(var_grads, variables, lr=lr, hyperparameters=hyperparameters)
+
+    def precondition_gradients(
+        self,
+        grads: Sequence[Any],
+        variables: Sequence[Any],
+        *,
+        lr: LearningRate = None,
+        hyperparameters: Optional[Mapping[str, Scalar]] = None,
+    ) -> List[tf.Tensor]:
+        """Precondition gradients the caller computed with the tape of this step's forward pass.
+
+        The tape's backward pass has filled in the records' output gradients; they and the
+        records are consumed here (``gradient`` and the Keras optimizer's ``apply`` call this).
+
+        Args:
+            grads: gradients of ``variables`` from the tape (local, or averaged by a Horovod tape).
+            variables: the variables they belong to.
+            lr, hyperparameters: as in ``gradient``.
+
+        Returns:
+            One gradient per variable, in order.
+
+        Raises:
+            RuntimeError, RankMismatchError: as in ``gradient``.
+        """
+        variables = list(variables)
         records = self._take_records()
-        outputs = [z for _, (_, z) in records]
-        all_grads = _tape_gradient(tape, loss, variables, outputs)
-        var_grads, out_grads = list(all_grads[: len(variables)]), list(all_grads[len(variables) :])
-        kept = [(r, g) for r, g in zip(records, out_grads) if g is not None]  # calls outside the loss
+        kept = [(layer, rec) for layer, rec in records if rec.grad is not None and self._current(rec.grad)]
         if not kept:
             raise RuntimeError(
                 "hvd_ngd: no recorded forward pass of the registered layers contributes to the loss: run the "
-                "model inside the tape before gradient()"
+                "model inside the tape before gradient() (or model.fit)"
             )
-        records, out_grads = [r for r, _ in kept], [g for _, g in kept]
-        contributing = {layer.name for layer, _ in records}
+        contributing = {layer.name for layer, _ in kept}
         silent = [layer.name for layer in self.layers if layer.name not in contributing]
         if silent:
             raise RuntimeError(
@@ -208,19 +279,20 @@ class KFAC:
             if lr is not None:
                 self.set_lr(lr)
             values = {n: _to_float(hyperparameters[n]) for n in names} if names else None
-            return self.precondition(var_grads, variables, records, out_grads, hyperparameters=values)
-        return self._precondition_in_graph(var_grads, variables, records, out_grads, lr, hyperparameters or {})
+            return self.precondition(grads, variables, kept, hyperparameters=values)
+        return self._precondition_in_graph(grads, variables, kept, lr, hyperparameters or {})
+
+    @staticmethod
+    def _current(t: Any) -> bool:
+        """Whether tensor ``t`` belongs to the current context (eager, or the graph being traced)."""
+        if tf.executing_eagerly():
+            return hasattr(t, "numpy")
+        return getattr(t, "graph", None) is tf.compat.v1.get_default_graph()
 
     def _take_records(self) -> _Captured:
         """This context's forward records of every layer (others: inference calls, other traces,
         are dropped); clears all records."""
-        eager = tf.executing_eagerly()
-        graph = None if eager else tf.compat.v1.get_default_graph()
-
-        def current(z: Any) -> bool:
-            return hasattr(z, "numpy") if eager else getattr(z, "graph", None) is graph
-
-        records = [(layer, rec) for layer in self.layers for rec in layer.records if current(rec[1])]
+        records = [(layer, rec) for layer in self.layers for rec in layer.records if self._current(rec.output)]
         for layer in self.layers:
             layer.records.clear()
         if not records:
@@ -230,41 +302,51 @@ class KFAC:
     def _precondition_in_graph(
         self,
         var_grads: Sequence[Any],
-        variables: Sequence[tf.Variable],
+        variables: Sequence[Any],
         records: _Captured,
-        out_grads: List[tf.Tensor],
         lr: LearningRate,
         hyperparameters: Mapping[str, Scalar],
     ) -> List[tf.Tensor]:
-        """Run ``precondition`` eagerly from inside a traced function (``tf.py_function``).
+        """Run the engine's step eagerly from inside a traced function (``tf.py_function``).
 
-        ``lr`` and the ``hyperparameters`` values enter the function as float64 inputs, so
-        their values at run time (not at trace time) are used and compared across ranks.
+        The layout work stays in the graph: the gradient matrices are built before the
+        ``tf.py_function`` and split back into per-variable gradients after it; inside run the
+        statistics of the due factors and the engine's step. ``lr`` and the ``hyperparameters``
+        values enter as float64 inputs, so their values at run time (not at trace time) are
+        used and compared across ranks.
         """
-        dense = [tf.convert_to_tensor(g) if g is not None else tf.zeros_like(v) for g, v in zip(var_grads, variables)]
-        xs = [x for _, (x, _) in records]
-        zs = [z for _, (_, z) in records]
+        grads, index, others = self._gradient_layout(var_grads, variables)
+        matrices = [layer.grad_matrix([grads[index[id(v)]] for v in layer.variables()]) for layer in self.layers]
+        other_grads = [grads[i] for i in others]
+        xs = [rec.inputs for _, rec in records]
+        zs = [rec.output for _, rec in records]
+        gs = [rec.grad for _, rec in records]
         names = list(hyperparameters)
         scalars = ([] if lr is None else [lr]) + [hyperparameters[n] for n in names]
         extra = [tf.cast(tf.convert_to_tensor(v), tf.float64) for v in scalars]
-        n_v, n_r, n_h = len(dense), len(records), len(names)
+        n_m, n_o, n_r, n_h = len(matrices), len(other_grads), len(records), len(names)
 
         def eager(*tensors: tf.Tensor) -> List[tf.Tensor]:
-            grads = list(tensors[:n_v])
-            xs_e, zs_e = tensors[n_v : n_v + n_r], tensors[n_v + n_r : n_v + 2 * n_r]
-            gs_e = list(tensors[n_v + 2 * n_r : n_v + 3 * n_r])
-            extra_e = tensors[n_v + 3 * n_r :]
+            mats, rest = tensors[:n_m], tensors[n_m + n_o :]
+            xs_e, zs_e, gs_e, extra_e = rest[:n_r], rest[n_r : 2 * n_r], rest[2 * n_r : 3 * n_r], rest[3 * n_r :]
             if lr is not None:
                 self.set_lr(extra_e[0])
             values = {n: _to_float(v) for n, v in zip(names, extra_e[len(extra_e) - n_h :])} if n_h else None
-            recs = [(layer, (x, z)) for (layer, _), x, z in zip(records, xs_e, zs_e)]
-            pgrads = self.precondition(grads, variables, recs, gs_e, hyperparameters=values)
-            return [tf.convert_to_tensor(g) for g in pgrads]
+            self._accumulate_statistics([(layer, Record(x, z, g)) for (layer, _), x, z, g in zip(records, xs_e, zs_e, gs_e)])
+            pgrads, other_out = self.engine.reduce_and_step(
+                {layer.name: m for layer, m in zip(self.layers, mats)}, list(tensors[n_m : n_m + n_o]),
+                self.reduce_gradients, values,
+            )
+            pgrads, other_out = self._skipped(pgrads, list(other_out))
+            return [tf.convert_to_tensor(pgrads[layer.name]) for layer in self.layers] + [
+                tf.convert_to_tensor(g) for g in other_out
+            ]
 
-        out = tf.py_function(eager, inp=dense + xs + zs + out_grads + extra, Tout=[g.dtype for g in dense])
-        for o, g in zip(out, dense):
-            o.set_shape(g.shape)
-        return list(out)
+        inputs = matrices + other_grads + xs + zs + gs + extra
+        out = tf.py_function(eager, inp=inputs, Tout=[t.dtype for t in matrices + other_grads])
+        for o, t in zip(out, matrices + other_grads):
+            o.set_shape(t.shape)
+        return self._assemble(grads, index, others, list(out[:n_m]), list(out[n_m:]))
 
     def set_lr(self, lr: Any) -> None:
         """Set the learning rate KL clipping uses (eager value)."""
@@ -274,9 +356,8 @@ class KFAC:
     def precondition(
         self,
         grads: Sequence[Any],
-        variables: Sequence[tf.Variable],
+        variables: Sequence[Any],
         records: _Captured,
-        out_grads: Sequence[tf.Tensor],
         *,
         hyperparameters: Optional[Mapping[str, float]] = None,
     ) -> List[tf.Tensor]:
@@ -285,13 +366,26 @@ class KFAC:
         Args:
             grads: gradients of ``variables`` (local, or averaged by a Horovod tape).
             variables: the variables they belong to.
-            records: (layer, (input, pre-activation output)) of this step's forward calls.
-            out_grads: gradients of the loss w.r.t. each record's pre-activation output.
+            records: (layer, record) of this step's forward calls, output gradients filled in.
             hyperparameters: the caller's values to compare across ranks (see ``gradient``).
         """
+        self._accumulate_statistics(records)
+        grads, index, others = self._gradient_layout(grads, variables)
+        matrices = {
+            layer.name: layer.grad_matrix([grads[index[id(v)]] for v in layer.variables()]) for layer in self.layers
+        }
+        pgrads, other_out = self.engine.reduce_and_step(
+            matrices, [grads[i] for i in others], self.reduce_gradients, hyperparameters
+        )
+        pgrads, other_out = self._skipped(pgrads, list(other_out))
+        return self._assemble(grads, index, others, [pgrads[layer.name] for layer in self.layers], other_out)
+
+    def _accumulate_statistics(self, records: _Captured) -> None:
+        """Hand the engine this step's due statistics (A, G, unit-wise F) of eager records."""
         wanted = self.engine.capture_plan()
         mean = self.config.loss_reduction is LossReduction.MEAN
-        for (layer, (x, z)), g in zip(records, out_grads):
+        for layer, rec in records:
+            x, z, g = rec.inputs, rec.output, rec.grad
             due = wanted.get(layer.name, set())
             scale = float(layer.batch_size(x)) if mean else 1.0
             if "A" in due:
@@ -302,25 +396,34 @@ class KFAC:
             if "F" in due and isinstance(layer, NormLayer):
                 f = capture.f_statistic(self.ops, layer.spec, layer.x_hat(z), layer.g_output(g), scale)
                 self.engine.accumulate(layer.name, "F", f)
-        index = {v.ref(): i for i, v in enumerate(variables)}
-        grads = [tf.convert_to_tensor(g) if g is not None else tf.zeros_like(v) for g, v in zip(grads, variables)]
-        missing = [layer.name for layer in self.layers if any(v.ref() not in index for v in layer.variables())]
+
+    def _gradient_layout(
+        self, grads: Sequence[Any], variables: Sequence[Any]
+    ) -> Tuple[List[tf.Tensor], Dict[int, int], List[int]]:
+        """Dense gradients, variable id -> position, and positions of unregistered variables.
+
+        Raises:
+            ValueError: a registered layer's variable is not among ``variables``.
+        """
+        index = {id(v): i for i, v in enumerate(variables)}
+        dense = [_dense(g, v) for g, v in zip(grads, variables)]
+        missing = [layer.name for layer in self.layers if any(id(v) not in index for v in layer.variables())]
         if missing:
             raise ValueError(f"hvd_ngd: gradient() needs the variables of every registered layer; missing: {missing}")
-        covered = {v.ref() for layer in self.layers for v in layer.variables()}
-        others = [i for i, v in enumerate(variables) if v.ref() not in covered]
-        matrices = {
-            layer.name: layer.grad_matrix([grads[index[v.ref()]] for v in layer.variables()]) for layer in self.layers
-        }
-        pgrads, other_out = self.engine.reduce_and_step(
-            matrices, [grads[i] for i in others], self.reduce_gradients, hyperparameters
-        )
-        for layer in self.layers:
-            for v, g in zip(layer.variables(), layer.split_matrix(pgrads[layer.name])):
-                grads[index[v.ref()]] = g
+        covered = {id(v) for layer in self.layers for v in layer.variables()}
+        return dense, index, [i for i, v in enumerate(variables) if id(v) not in covered]
+
+    def _assemble(
+        self, grads: List[Any], index: Dict[int, int], others: List[int], pgrads: List[Any], other_out: Sequence[Any]
+    ) -> List[tf.Tensor]:
+        """Per-variable gradients from the layers' preconditioned matrices and the other gradients."""
+        out = list(grads)
+        for layer, mat in zip(self.layers, pgrads):
+            for v, g in zip(layer.variables(), layer.split_matrix(mat)):
+                out[index[id(v)]] = g
         for i, g in zip(others, other_out):
-            grads[i] = g
-        return grads
+            out[i] = g
+        return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -335,6 +438,17 @@ class KFAC:
         """Restore the layers' original ``call`` methods (detach from the model)."""
         for layer in self.layers:
             layer.unwrap()
+
+
+def _tf_variable(v: Any) -> Any:
+    """The ``tf.Variable`` behind a Keras 3 variable (itself for anything else)."""
+    inner = getattr(v, "_value", None) if isinstance(v, keras.Variable) else None
+    return inner if isinstance(inner, tf.Variable) else v
+
+
+def _dense(g: Any, v: Any) -> tf.Tensor:
+    """A dense tensor gradient (IndexedSlices densified, None -> zeros like the variable)."""
+    return tf.convert_to_tensor(g) if g is not None else tf.zeros(tuple(v.shape), dtype=tf.as_dtype(str(v.dtype)))
 
 
 def _to_float(value: Scalar) -> float:
@@ -380,38 +494,24 @@ def _reject_adasum(tape: Any) -> None:
         )
 
 
-def _tape_gradient(
-    tape: tf.GradientTape, loss: tf.Tensor, variables: List[tf.Variable], outputs: List[tf.Tensor]
-) -> List[Any]:
-    """One ``tape.gradient`` call for variables and outputs; output gradients stay local.
-
-    A ``hvd.DistributedGradientTape`` averages the gradient of every source: the outputs are
-    registered as local sources (public API) and Horovod's 1/size scaling of local sources is
-    turned off for the call, so only the variables' gradients are averaged.
-    """
-    register = getattr(tape, "register_local_source", None)
-    if register is None:
-        return tape.gradient(loss, variables + outputs)
-    for z in outputs:
-        register(z)
-    scale = getattr(tape, "scale_local_gradients", False)
-    tape.scale_local_gradients = False
-    try:
-        return tape.gradient(loss, variables + outputs)
-    finally:
-        tape.scale_local_gradients = scale
+def _sublayers(layer: Any) -> List[Any]:
+    """Direct sublayers of a Keras 3 model or layer (a Model's ``layers``, else tracked layers)."""
+    if isinstance(layer, keras.Model):
+        return list(layer.layers)
+    return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
 def walk_layers(model: Any, prefix: str = "") -> List[Tuple[str, Any]]:
     """(name, layer) of every leaf layer of a (possibly nested) Keras model, in order.
 
-    Top-level layers keep their Keras names; layers of nested models are named
-    ``outer/inner`` so that names stay unique.
+    Top-level layers keep their Keras names; layers of nested models and of layers built from
+    sublayers (custom blocks, ``MultiHeadAttention``) are named ``outer/inner`` so that names
+    stay unique.
     """
     out: List[Tuple[str, Any]] = []
-    for layer in model.layers:
+    for layer in _sublayers(model):
         name = f"{prefix}{layer.name}"
-        if getattr(layer, "layers", None):
+        if _sublayers(layer):
             out.extend(walk_layers(layer, prefix=f"{name}/"))
         else:
             out.append((name, layer))

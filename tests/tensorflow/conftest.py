@@ -1,17 +1,18 @@
-"""Shared fixtures of the TensorFlow tests (tf-keras: ``TF_USE_LEGACY_KERAS=1``)."""
+"""Shared fixtures of the TensorFlow tests: Keras 3 (``import keras``) on TensorFlow 2.21."""
 
 import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.pop("TF_USE_LEGACY_KERAS", None)  # Keras 3: tf.keras must not switch to tf-keras either
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+from tests.tensorflow.float_dtype import set_float_dtype  # noqa: E402
 
 
 @pytest.fixture
 def float64():
     """Keras layers built in the test use float64 (exact comparisons); float32 again afterwards."""
-    tf.keras.backend.set_floatx("float64")
+    set_float_dtype("float64")
     yield
-    tf.keras.backend.set_floatx("float32")
+    set_float_dtype("float32")

@@ -1,7 +1,8 @@
 """The same network in PyTorch and Keras, with identical weights and inputs, gives the same
-captured factors (A, G, unit-wise F) and the same preconditioned gradients: to 1e-5 relative
+captured factors (A, G, unit-wise F) and the same preconditioned gradients: to 5e-5 relative
 (Frobenius) in float32, and to 1e-11 in float64, which shows that the float32 differences are
-rounding.
+rounding (factors agree to ~1e-6 in float32; the largest difference, ~2e-5, is BatchNorm's
+preconditioned gamma, where the ill-conditioned 2x2 unit-wise solves amplify F's rounding).
 
 The torch reference runs in a subprocess (a torch-only script, no Horovod) that writes an .npz;
 this TF process compares. Layouts differ only where the frameworks do: Conv2D patches are
@@ -17,7 +18,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
@@ -27,12 +27,13 @@ import tensorflow as tf  # noqa: E402
 from hvd_ngd.communicator import SingleProcessCommunicator  # noqa: E402
 from hvd_ngd.tensorflow import KFAC  # noqa: E402
 
-keras = tf.keras
+import keras  # noqa: E402  (Keras 3)
+from tests.tensorflow.float_dtype import set_float_dtype  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 N, H, W, C_IN, C_OUT, VOCAB, DIM, TOKENS, HIDDEN, CLASSES = 6, 4, 4, 2, 3, 7, 3, 3, 5, 4
 EPS = 1e-3
 CONFIG = dict(damping=0.05, factor_decay=0.0, kl_clip=None, strategy="comm-opt")
-TOLERANCE = {"float32": 1e-5, "float64": 1e-11}
+TOLERANCE = {"float32": 5e-5, "float64": 1e-11}
 
 TORCH_SCRIPT = textwrap.dedent(
     """
@@ -112,9 +113,9 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(params=["float32", "float64"])
 def dtype(request):
-    keras.backend.set_floatx(request.param)
+    set_float_dtype(request.param)
     yield request.param
-    keras.backend.set_floatx("float32")
+    set_float_dtype("float32")
 
 
 def test_factors_and_preconditioned_gradients_match_torch(tmp_path: Path, dtype: str) -> None:
@@ -158,7 +159,7 @@ def test_factors_and_preconditioned_gradients_match_torch(tmp_path: Path, dtype:
         logits = model([data["x"], data["ids"]], training=True)
         loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(data["y"], logits, from_logits=True))
     grads = kfac.gradient(tape, loss, model.trainable_variables)
-    got = {v.name.split("/")[0] + "/" + v.name.split("/")[-1].split(":")[0]: g.numpy()
+    got = {v.path: g.numpy()
            for v, g in zip(model.trainable_variables, grads)}
     factors = {k: v.numpy() for k, v in kfac.engine.factors.items()}
 
@@ -240,7 +241,7 @@ def test_model_fit_trajectory_matches_torch(tmp_path: Path) -> None:
 
     from hvd_ngd.tensorflow.keras import DistributedOptimizer
 
-    keras.backend.set_floatx("float64")
+    set_float_dtype("float64")
     try:
         images, labels = load_digits(return_X_y=True)
         rng = np.random.default_rng(0)
@@ -283,4 +284,4 @@ def test_model_fit_trajectory_matches_torch(tmp_path: Path) -> None:
         assert moved > 0.1
         assert all(e < 1e-9 for e in errors.values()), errors
     finally:
-        keras.backend.set_floatx("float32")
+        set_float_dtype("float32")

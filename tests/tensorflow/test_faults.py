@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import copy  # noqa: E402
@@ -18,10 +17,11 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from hvd_ngd.communicator import SingleProcessCommunicator  # noqa: E402
+from hvd_ngd.keys import StatKey  # noqa: E402
 from hvd_ngd.preconditioner import CurvatureWarning  # noqa: E402
 from hvd_ngd.tensorflow import KFAC  # noqa: E402
 
-keras = tf.keras
+import keras  # noqa: E402  (Keras 3)
 N, STEPS = 8, 5
 # Distinct factor sides (fc1: A 5x5, G 6x6; fc2: A 7x7, G 3x3) so a fault can target one factor.
 IN, HIDDEN, CLASSES = 4, 6, 3
@@ -68,7 +68,7 @@ def step(model, kfac, opt, x, y, before_gradient=None):
         before_gradient()
     pgrads = kfac.gradient(tape, loss, model.trainable_variables)
     opt.apply_gradients(zip(pgrads, model.trainable_variables))
-    names = [v.name for v in model.trainable_variables]
+    names = ["/".join(v.path.split("/")[-2:]) for v in model.trainable_variables]  # fc1/kernel
     return dict(zip(names, [g.numpy() for g in plain])), dict(zip(names, [np.asarray(g) for g in pgrads]))
 
 
@@ -81,9 +81,8 @@ def poison_activations(kfac: KFAC, name: str, value: float):
     layer = layer_of(kfac, name)
 
     def inject():
-        x, z = layer.records[-1]
-        x = tf.tensor_scatter_nd_update(x, [[0, 0]], tf.constant([value], x.dtype))
-        layer.records[-1] = (x, z)
+        rec = layer.records[-1]
+        rec.inputs = tf.tensor_scatter_nd_update(rec.inputs, [[0, 0]], tf.constant([value], rec.inputs.dtype))
 
     return inject
 
@@ -114,7 +113,7 @@ def test_non_finite_statistic_falls_back_warns_and_keeps_training(strategy, wher
     monkeypatch.undo()
     for k in fc2_vars(plain):
         np.testing.assert_array_equal(pgrads[k], plain[k])  # the plain gradient, bitwise
-    assert not np.allclose(pgrads["fc1/kernel:0"], plain["fc1/kernel:0"]), "fc1 should still be preconditioned"
+    assert not np.allclose(pgrads["fc1/kernel"], plain["fc1/kernel"]), "fc1 should still be preconditioned"
     assert [(s, n) for s, n, _ in kfac.engine.fallbacks] == [(1, "fc2")]
     np.testing.assert_array_equal(kfac.engine.factors[f"fc2/{where}"].numpy(), before[f"fc2/{where}"])  # not folded
     assert not np.array_equal(kfac.engine.factors["fc1/A"].numpy(), before["fc1/A"])  # others were
@@ -123,7 +122,7 @@ def test_non_finite_statistic_falls_back_warns_and_keeps_training(strategy, wher
             warnings.simplefilter("error", CurvatureWarning)
             plain, pgrads = step(model, kfac, opt, x, y)
         assert all(np.isfinite(g).all() for g in pgrads.values())
-        assert not np.allclose(pgrads["fc2/kernel:0"], plain["fc2/kernel:0"]), "fc2 did not recover"
+        assert not np.allclose(pgrads["fc2/kernel"], plain["fc2/kernel"]), "fc2 did not recover"
     assert all(np.isfinite(v.numpy()).all() for v in kfac.engine.factors.values())
     assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
 
@@ -140,8 +139,8 @@ def test_non_finite_statistic_inside_tf_function() -> None:
         with tf.GradientTape() as tape:
             loss = loss_of(model, x, y)
         layer = layer_of(kfac, "fc2")
-        x_in, z = layer.records[-1]
-        layer.records[-1] = (x_in + poison, z)  # NaN in fc2's activations when poison is NaN
+        rec = layer.records[-1]
+        rec.inputs = rec.inputs + poison  # NaN in fc2's activations when poison is NaN
         grads = kfac.gradient(tape, loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
 
@@ -176,7 +175,7 @@ def test_failed_eigendecomposition_falls_back_escalates_damping_and_recovers(mon
         return real(x)
 
     monkeypatch.setattr(kfac.ops, "eigh", eigh)
-    kfac.engine.force_inverse.update({"fc2/A"})  # decompose at step 1 (not scheduled: interval 3)
+    kfac.engine.force_inverse.update({StatKey.parse("fc2/A")})  # decompose at step 1 (not scheduled: interval 3)
     with pytest.warns(CurvatureWarning) as record:
         plain, pgrads = step(model, kfac, opt, *data[1])
     messages = [str(w.message) for w in record]
@@ -190,7 +189,7 @@ def test_failed_eigendecomposition_falls_back_escalates_damping_and_recovers(mon
         plain, pgrads = step(model, kfac, opt, *data[2])
     assert (2, (HIDDEN + 1, HIDDEN + 1)) in calls and (2, (CLASSES, CLASSES)) in calls, "inverses not recomputed"
     assert (2, (IN + 1, IN + 1)) not in calls, "fc1's inverses are not due at step 2"
-    assert np.isfinite(pgrads["fc2/kernel:0"]).all() and not np.allclose(pgrads["fc2/kernel:0"], plain["fc2/kernel:0"])
+    assert np.isfinite(pgrads["fc2/kernel"]).all() and not np.allclose(pgrads["fc2/kernel"], plain["fc2/kernel"])
 
 
 def test_cholesky_of_a_non_positive_definite_factor_falls_back_and_escalates_damping() -> None:
@@ -212,7 +211,7 @@ def test_cholesky_of_a_non_positive_definite_factor_falls_back_and_escalates_dam
         assert any(f"layer 'fc2' uses its plain gradient at step {i}" in m for m in messages), messages
         for k in fc2_vars(plain):
             np.testing.assert_array_equal(pgrads[k], plain[k])
-        assert not np.allclose(pgrads["fc1/kernel:0"], plain["fc1/kernel:0"])
+        assert not np.allclose(pgrads["fc1/kernel"], plain["fc1/kernel"])
         dampings.append(kfac.engine.layer_damping["fc2"])
     assert dampings == [pytest.approx(0.1), pytest.approx(0.5)]
     assert kfac.engine.layer_damping["fc1"] == 0.01
@@ -321,12 +320,10 @@ def test_optimizer_hyperparameters_of_keras_optimizers() -> None:
     assert optimizer_hyperparameters(keras.optimizers.SGD(0.1, momentum=0.9)) == {"ema_momentum": 0.99, "momentum": 0.9}
     adam = optimizer_hyperparameters(keras.optimizers.Adam(1e-3, clipnorm=1.0))
     assert adam == {"beta_1": 0.9, "beta_2": 0.999, "clipnorm": 1.0, "ema_momentum": 0.99, "epsilon": 1e-7}
-    legacy = keras.optimizers.legacy.SGD(0.1, momentum=0.9)
-    assert optimizer_hyperparameters(legacy) == {"decay": 0.0, "momentum": 0.9}
     model = make_model()
-    legacy.apply_gradients(zip([tf.zeros_like(v) for v in model.trainable_variables], model.trainable_variables))
-    values = optimizer_hyperparameters(legacy)  # hyperparameters became variables
-    assert sorted(values) == ["decay", "momentum"] and float(values["momentum"].numpy()) == pytest.approx(0.9)
+    sgd = keras.optimizers.SGD(keras.optimizers.schedules.ExponentialDecay(0.1, 1, 0.5), momentum=0.9)
+    sgd.apply_gradients(zip([tf.zeros_like(v) for v in model.trainable_variables], model.trainable_variables))
+    assert optimizer_hyperparameters(sgd) == {"ema_momentum": 0.99, "momentum": 0.9}  # built, with a schedule
 
 
 # ---------------------------------------------------------------------------------------------- state

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
@@ -15,7 +14,7 @@ import tensorflow as tf  # noqa: E402
 from hvd_ngd.communicator import SingleProcessCommunicator  # noqa: E402
 from hvd_ngd.tensorflow import KFAC  # noqa: E402
 
-keras = tf.keras
+import keras  # noqa: E402  (Keras 3)
 DAMPING = 0.05
 N = 5
 
@@ -34,7 +33,7 @@ def step(model, x, kfac):
         out = model(x, training=True)
         loss = tf.reduce_mean(tf.reduce_sum(tf.reshape(out, (N, -1)) ** 2, axis=1))
     layer = kfac.layers[0]
-    x_in, z = layer.records[0]
+    x_in, z = layer.records[0].inputs, layer.records[0].output
     g = tape.gradient(loss, z).numpy() * N
     plain = tape.gradient(loss, model.trainable_variables)
     pgrads = kfac.gradient(tape, loss, model.trainable_variables)
@@ -270,9 +269,11 @@ def test_registration_nested_names_skips_and_unsupported_axes() -> None:
         loss = tf.reduce_mean(model(x) ** 2)
     grads = kfac.gradient(tape, loss, model.trainable_variables)
     assert len(grads) == len(model.trainable_variables) and kfac.steps == 1
+    assert not any(layer.layer.supports_jit for layer in kfac.layers)  # Keras 3 must not XLA-compile the step
     kfac.remove_hooks()
     model(x)
     assert all(not layer.records for layer in kfac.layers)
+    assert all(layer.layer.supports_jit for layer in kfac.layers)
 
 
 def test_unbuilt_model_and_spngd_without_reduction_are_rejected() -> None:
@@ -317,3 +318,57 @@ def test_eager_calls_outside_a_tape_are_not_recorded() -> None:
     with tf.GradientTape():
         model(x)
     assert len(kfac.layers[0].records) == 1
+
+
+def test_unsupported_keras3_layers_are_skipped_with_a_reason_and_keep_plain_gradients() -> None:
+    """EinsumDense, MultiHeadAttention's projections and a LoRA Dense are reported with the reason
+    and keep their plain gradients; Dense layers inside a custom block are found and registered."""
+
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.inner = keras.layers.Dense(4, activation="tanh", name="inner")
+
+        def call(self, x):
+            return x + self.inner(x)
+
+    tokens = keras.Input((3, 4))
+    h = keras.layers.EinsumDense("abc,cd->abd", output_shape=(3, 4), name="einsum")(tokens)
+    h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=2, name="mha")(h, h)
+    h = Block(name="block")(h)
+    lora = keras.layers.Dense(4, name="lora")
+    h = lora(h)
+    out = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(h))
+    model = keras.Model(tokens, out)
+    lora.enable_lora(2)
+    with pytest.warns(UserWarning) as caught:
+        kfac = KFAC(model, communicator=SingleProcessCommunicator(), damping=DAMPING, kl_clip=None)
+    messages = " ".join(str(w.message) for w in caught)
+    assert [layer.name for layer in kfac.layers] == ["block/inner", "head"]
+    assert "EinsumDense" in kfac.skipped["einsum"] and "plain averaged gradients" in kfac.skipped["einsum"]
+    assert {"mha/query", "mha/key", "mha/value", "mha/attention_output"} <= set(kfac.skipped)
+    assert "LoRA" in kfac.skipped["lora"]
+    assert "'einsum' (EinsumDense)" in messages and "'mha/query' (EinsumDense)" in messages
+    x = tf.random.normal((N, 3, 4), dtype=tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        loss = tf.reduce_mean(model(x, training=True) ** 2)
+    plain = tape.gradient(loss, model.trainable_variables)
+    pgrads = kfac.gradient(tape, loss, model.trainable_variables)
+    registered = {id(v) for layer in kfac.layers for v in layer.variables()}
+    for v, g, p in zip(model.trainable_variables, plain, pgrads):
+        if id(v) in registered:
+            assert not np.allclose(tf.convert_to_tensor(g).numpy(), p.numpy()), v.path
+        else:  # EinsumDense, attention, LoRA factors: the plain gradient, bitwise
+            np.testing.assert_array_equal(tf.convert_to_tensor(g).numpy(), p.numpy())
+
+
+def test_keras_version_and_backend_are_checked(monkeypatch) -> None:
+    from hvd_ngd.tensorflow import keras_version
+
+    monkeypatch.setattr(keras, "__version__", "2.15.0")
+    with pytest.raises(ImportError, match="needs Keras 3.*found keras 2.15.0"):
+        keras_version.require_keras()
+    monkeypatch.undo()
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ImportError, match="KERAS_BACKEND=tensorflow"):
+        keras_version.require_keras()

@@ -1,88 +1,87 @@
-"""Keras integration: ``DistributedOptimizer`` makes ``model.fit`` train with K-FAC.
+"""Keras 3 integration: ``DistributedOptimizer`` makes ``model.fit`` train with K-FAC.
 
-Drop-in for ``horovod.tensorflow.keras.DistributedOptimizer``::
+The one changed line of a Keras 3 script (``import keras``; the TensorFlow backend)::
 
-    opt = hvd_ngd.tensorflow.keras.DistributedOptimizer(tf.keras.optimizers.SGD(0.1, momentum=0.9), model)
+    opt = hvd_ngd.tensorflow.keras.DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), model)
     model.compile(optimizer=opt, loss=...)
-    model.fit(..., callbacks=[hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+    model.fit(..., callbacks=[hvd_ngd.tensorflow.keras.callbacks.BroadcastGlobalVariablesCallback(0),
                               hvd_ngd.tensorflow.keras.callbacks.MetricAverageCallback()])
 
-Like Horovod's, it is a dynamically created subclass of the user's optimizer class that overrides
-gradient computation: ``compute_gradients`` (tf-keras optimizers) or ``_get_gradients`` (legacy
-optimizers) receive the tape ``model.fit``'s ``train_step`` recorded and return
-``KFAC.gradient``'s averaged, preconditioned gradients. The K-FAC step runs eagerly through one
-``tf.py_function`` inside the compiled train step (``jit_compile=True`` is not supported). The
-optimizer's current learning rate (a variable, a schedule's value at the current iteration, or a
-legacy optimizer's decayed rate) is passed to every step for KL clipping, so
-``LearningRateScheduler`` callbacks and schedules need nothing more; it and the optimizer's
-other numeric settings (``momentum``, ...) enter the per-step rank-consistency check. hvd_ngd averages gradients
-itself (every strategy), so do not also wrap the optimizer with Horovod's. Use tf-keras
-(``TF_USE_LEGACY_KERAS=1``).
+Written against Keras 3 and ``horovod.tensorflow`` (``horovod.tensorflow.keras`` does not work with
+Keras 3). Keras 3's ``train_step`` differentiates the loss itself and hands the gradients to
+``optimizer.apply_gradients`` -> ``apply``; the registered layers' output gradients were stored by
+that same backward pass (``hvd_ngd.tensorflow.layers.Record``). The returned optimizer is a
+dynamically created subclass of the user's optimizer class whose ``apply`` first replaces the
+gradients by ``KFAC.precondition_gradients``' averaged, preconditioned ones, then applies them
+with the class's own update rule. The optimizer's current learning rate (a variable, or a
+schedule's value at the current iteration) is passed to every step for KL clipping, so
+``LearningRateScheduler`` callbacks and schedules need nothing more; it and the optimizer's other
+numeric settings (``momentum``, ...) enter the per-step rank-consistency check. hvd_ngd averages
+every gradient itself (every strategy): do not also average them with Horovod.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
-
-import tensorflow as tf
+from typing import Any, Optional, Sequence
 
 from hvd_ngd.communicator import Communicator
+from hvd_ngd.tensorflow.keras_version import require_keras, require_keras_object
 from hvd_ngd.tensorflow.preconditioner import KFAC, optimizer_hyperparameters
 
-keras = tf.keras
+keras = require_keras()
 
 
 def current_learning_rate(optimizer: Any) -> Any:
-    """The learning rate ``optimizer`` applies at its current iteration (tensor or variable)."""
-    legacy_decayed = getattr(optimizer, "_decayed_lr", None)
-    if legacy_decayed is not None:  # legacy OptimizerV2: hyper-parameter or schedule
-        return legacy_decayed(tf.float32)
-    schedule = getattr(optimizer, "_learning_rate", None)
-    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
-        return schedule(optimizer.iterations)
+    """The learning rate a Keras 3 ``optimizer`` applies at its current iteration (tensor or variable)."""
     return optimizer.learning_rate
 
 
-def _compute_gradients(self: Any, loss: Any, var_list: Any, tape: Any = None) -> List[Tuple[Any, Any]]:
-    """``compute_gradients`` of tf-keras optimizers: K-FAC-preconditioned, averaged gradients."""
-    if tape is None and not callable(loss):
-        raise ValueError("hvd_ngd's Keras optimizer needs the GradientTape of a Tensor loss (model.fit passes it)")
-    tape = tf.GradientTape() if tape is None else tape
-    if callable(loss):
-        with tape:
-            if not callable(var_list):
-                tape.watch(var_list)
-            loss = loss()
-            if callable(var_list):
-                var_list = var_list()
-    variables = list(var_list() if callable(var_list) else var_list)
-    grads = self.kfac.gradient(
-        tape, loss, variables, lr=current_learning_rate(self), hyperparameters=optimizer_hyperparameters(self)
+def _apply(self: Any, grads: Sequence[Any], trainable_variables: Optional[Sequence[Any]] = None) -> Any:
+    """``apply`` of the wrapped optimizer: K-FAC-preconditioned, averaged gradients, then the update."""
+    if trainable_variables is None:
+        if not self.built:
+            raise ValueError("hvd_ngd's optimizer needs the variables with the gradients (or build() it first)")
+        trainable_variables = self._trainable_variables
+    variables = list(trainable_variables)
+    grads = self.kfac.precondition_gradients(
+        list(grads), variables, lr=current_learning_rate(self), hyperparameters=optimizer_hyperparameters(self)
     )
-    return list(zip(grads, variables))
+    return super(type(self), self).apply(grads, variables)
 
 
-def _get_gradients(self: Any, tape: Any, loss: Any, var_list: Any, grad_loss: Any = None) -> List[Tuple[Any, Any]]:
-    """``_get_gradients`` of legacy optimizers (called by ``minimize`` with the tape)."""
-    if grad_loss is not None:
-        raise NotImplementedError("hvd_ngd's Keras optimizer does not support grad_loss")
-    variables = list(var_list)
-    grads = self.kfac.gradient(
-        tape, loss, variables, lr=current_learning_rate(self), hyperparameters=optimizer_hyperparameters(self)
-    )
-    return list(zip(grads, variables))
+def _reject_unsupported(optimizer: Any) -> None:
+    """Raise for Keras 3 optimizer settings under which K-FAC would train wrongly.
 
-
-def _get_gradients_v1(self: Any, loss: Any, params: Any) -> Any:
-    raise NotImplementedError("hvd_ngd's Keras optimizer needs TF2 execution with a GradientTape (model.fit in TF2)")
+    Raises:
+        TypeError: a ``LossScaleOptimizer`` (mixed-precision loss scaling).
+        ValueError: ``loss_scale_factor`` or ``gradient_accumulation_steps`` set.
+    """
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise TypeError(
+            "hvd_ngd.tensorflow.keras.DistributedOptimizer does not support LossScaleOptimizer: loss scaling "
+            "scales the captured output gradients (the G factors) too. Train in float32 (or bfloat16 without "
+            "loss scaling) and wrap the inner optimizer"
+        )
+    if optimizer.loss_scale_factor is not None:
+        raise ValueError(
+            f"loss_scale_factor={optimizer.loss_scale_factor!r} is not supported by hvd_ngd (it scales the "
+            "captured output gradients, i.e. the G factors): leave it None"
+        )
+    if optimizer.gradient_accumulation_steps:
+        raise ValueError(
+            f"gradient_accumulation_steps={optimizer.gradient_accumulation_steps!r} is not supported by hvd_ngd "
+            "(K-FAC preconditions and averages every step's gradients): leave it None and use a larger batch"
+        )
 
 
 def DistributedOptimizer(optimizer: Any, model: Any, communicator: Optional[Communicator] = None, **config: Any) -> Any:
-    """Wrap a tf-keras optimizer so ``minimize`` (hence ``model.fit``) uses K-FAC.
+    """Wrap a Keras 3 optimizer so ``apply`` / ``apply_gradients`` (hence ``model.fit``) use K-FAC.
 
     Args:
-        optimizer: a tf-keras optimizer, new or legacy (SGD with momentum is the papers' choice).
-        model: the built model to precondition; its supported layers are registered now.
+        optimizer: a Keras 3 optimizer (``keras.optimizers.SGD`` with momentum is the papers'
+            choice; any ``keras.optimizers.Optimizer`` subclass works: its update rule runs on the
+            preconditioned gradients).
+        model: the built Keras 3 model to precondition; its supported layers are registered now.
         communicator: injected collectives (defaults to horovod.tensorflow).
         **config: ``hvd_ngd.KFACConfig`` fields; ``strategy`` defaults to ``'spngd'``, ``lr``
             to the optimizer's current learning rate (it follows the optimizer afterwards).
@@ -92,24 +91,18 @@ def DistributedOptimizer(optimizer: Any, model: Any, communicator: Optional[Comm
         preconditioner (``hvd_ngd.tensorflow.KFAC`` with ``reduce_gradients=True``).
 
     Raises:
-        TypeError: when ``optimizer`` is not a tf-keras optimizer (e.g. a Keras 3 one).
-        ValueError: as ``KFAC``.
+        TypeError: ``optimizer`` is not a Keras 3 optimizer (a tf-keras / legacy optimizer, or a
+            ``LossScaleOptimizer``), or ``model`` is not a Keras 3 model.
+        ValueError: unsupported optimizer settings (``loss_scale_factor``,
+            ``gradient_accumulation_steps``), or as ``KFAC``.
     """
-    legacy = isinstance(optimizer, keras.optimizers.legacy.Optimizer)
-    if not (legacy or isinstance(optimizer, keras.optimizers.Optimizer)):
-        raise TypeError(
-            f"hvd_ngd.tensorflow.keras.DistributedOptimizer needs a tf-keras optimizer, got {type(optimizer)!r} "
-            "(set TF_USE_LEGACY_KERAS=1 before importing tensorflow)"
-        )
+    require_keras_object(optimizer, keras.optimizers.Optimizer, "optimizer")
+    _reject_unsupported(optimizer)
     config.setdefault("strategy", "spngd")
     if "lr" not in config:
-        config["lr"] = float(tf.convert_to_tensor(current_learning_rate(optimizer)).numpy())
+        config["lr"] = float(keras.ops.convert_to_numpy(current_learning_rate(optimizer)))
     kfac = KFAC(model, reduce_gradients=True, communicator=communicator, **config)
-    if legacy:
-        members = {"_get_gradients": _get_gradients, "get_gradients": _get_gradients_v1}
-    else:
-        members = {"compute_gradients": _compute_gradients}
-    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), members)
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), {"apply": _apply, "__module__": __name__})
     wrapped = cls.from_config(optimizer.get_config())
     wrapped.kfac = kfac
     return wrapped

@@ -1,13 +1,16 @@
-"""Keras callbacks for ``model.fit`` with hvd_ngd on this stack (tf-keras + horovod.tensorflow).
+"""Keras 3 callbacks for ``model.fit`` with hvd_ngd (Keras 3 + horovod.tensorflow).
+
+- ``BroadcastGlobalVariablesCallback``: rank 0's model and optimizer variables to every rank
+  before the first step (Horovod's fails on Keras 3 variables: no ``ref()``).
 
 - ``KFACScheduleCallback``: per-epoch schedules of damping, factor decay, KL clip and the
   factor / inverse update intervals (the learning rate needs none: the optimizer's current rate
   reaches the preconditioner at every step, so ``LearningRateScheduler`` and schedules work).
 - ``KFACCheckpointCallback`` and ``load_kfac_state``: the preconditioner's running factors,
   inverses and stale-statistics state, which Keras' ``ModelCheckpoint`` does not see.
-- ``MetricAverageCallback``: Horovod's imports Keras 3's backend and fails with tf-keras; this one
-  uses ``horovod.tensorflow`` collectives directly, with explicit names. (Horovod's
-  ``BroadcastGlobalVariablesCallback`` works and is still the one to use.)
+- ``MetricAverageCallback``: the epoch's logs averaged over ranks with named
+  ``horovod.tensorflow`` allreduces (Horovod's lives in the Keras 3-incompatible
+  ``horovod.tensorflow.keras``).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import numpy as np
 import tensorflow as tf
 
 from hvd_ngd.preconditioner import Preconditioner
+from hvd_ngd.tensorflow.keras_version import require_keras
 from hvd_ngd.tensorflow.preconditioner import KFAC
 
-keras = tf.keras
+keras = require_keras()
 Schedule = Callable[[int], Any]
 
 
@@ -139,6 +143,48 @@ def load_kfac_state(filepath: Union[str, Path], target: Any) -> None:
     kfac.load_state_dict(pickle.loads(Path(filepath).read_bytes()))
 
 
+def broadcast_variables(variables: Any, root_rank: int, name: str) -> None:
+    """Assign ``root_rank``'s value of every (Keras 3 or TF) variable on every rank, eagerly.
+
+    Args:
+        variables: the variables, in the same order on every rank.
+        root_rank: the rank whose values win.
+        name: prefix of the collectives' names (one named broadcast per variable).
+    """
+    for i, v in enumerate(variables):
+        v.assign(hvd.broadcast(tf.convert_to_tensor(v), root_rank, name=f"{name}.{i}"))
+
+
+class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
+    """Start every rank from ``root_rank``'s weights and optimizer state (Keras 3).
+
+    At the start of training it builds the optimizer if needed (its slots exist before the first
+    step) and broadcasts ``model.variables`` (weights, BatchNorm moving statistics, ...) and the
+    optimizer's variables, so that ranks that drew different initial weights train identically.
+    Horovod's ``horovod.tensorflow.keras.callbacks.BroadcastGlobalVariablesCallback`` does not
+    work with Keras 3 variables.
+
+    Args:
+        root_rank: the rank whose values are broadcast (0 in the usual recipe).
+    """
+
+    def __init__(self, root_rank: int = 0) -> None:
+        super().__init__()
+        self.root_rank = root_rank
+        self.broadcast_done = False
+
+    def on_train_begin(self, logs: Optional[Dict[str, Any]] = None) -> None:
+        if self.broadcast_done:
+            return
+        broadcast_variables(self.model.variables, self.root_rank, "hvd_ngd.broadcast.model")
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None:
+            if not optimizer.built:
+                optimizer.build(self.model.trainable_variables)
+            broadcast_variables(optimizer.variables, self.root_rank, "hvd_ngd.broadcast.optimizer")
+        self.broadcast_done = True
+
+
 class MetricAverageCallback(keras.callbacks.Callback):
     """Average the epoch's logs (losses, metrics, ``val_*``) over all ranks, in place.
 
@@ -157,4 +203,4 @@ class MetricAverageCallback(keras.callbacks.Callback):
             logs[metric] = float(hvd.allreduce(tensor, op=hvd.Average, name=f"hvd_ngd.metric_average.{metric}").numpy())
 
 
-__all__ = ["KFACCheckpointCallback", "KFACScheduleCallback", "MetricAverageCallback", "kfac_of", "load_kfac_state"]
+__all__ = ["BroadcastGlobalVariablesCallback", "KFACCheckpointCallback", "KFACScheduleCallback", "MetricAverageCallback", "kfac_of", "broadcast_variables", "load_kfac_state"]

@@ -2,7 +2,7 @@
 
 import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.pop("TF_USE_LEGACY_KERAS", None)  # Keras 3
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
 

@@ -15,7 +15,7 @@ import tensorflow as tf
 from hvd_ngd.communicator import SingleProcessCommunicator
 from hvd_ngd.tensorflow import KFAC
 
-keras = tf.keras
+import keras  # noqa: E402  (Keras 3)
 LOCAL, SAVE_AT, STEPS = 4, 3, 7
 
 CONFIGS = [dict(strategy="spngd", damping=0.01, factor_update_interval=2, inv_update_interval=3),

@@ -21,14 +21,15 @@ from pathlib import Path
 from types import ModuleType
 
 import horovod.tensorflow as hvd
-import horovod.tensorflow.keras as hvd_keras
 import numpy as np
 import tensorflow as tf
 
 from hvd_ngd.tensorflow.keras import DistributedOptimizer
-from hvd_ngd.tensorflow.keras.callbacks import MetricAverageCallback
+from hvd_ngd.tensorflow.keras.averaging import AveragingOptimizer
+from hvd_ngd.tensorflow.keras.callbacks import BroadcastGlobalVariablesCallback, MetricAverageCallback
 
-keras = tf.keras
+import keras  # Keras 3
+from tests.tensorflow.float_dtype import set_float_dtype  # noqa: E402
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "keras_digits.py"
 TARGET, MAX_EPOCHS, GLOBAL_BATCH, SEEDS = 0.97, 20, 512, (0, 1, 2, 3)
 SGD_LR = 0.2
@@ -46,7 +47,7 @@ DIGITS = load_example()  # the example's model and data split
 
 
 def build_model(seed: int):
-    keras.backend.set_floatx("float32")
+    set_float_dtype("float32")
     return DIGITS.build_model(seed)
 
 
@@ -61,7 +62,7 @@ class TestAccuracy(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         for i, v in enumerate(self.model.non_trainable_variables):
-            v.assign(hvd.allreduce(v, op=hvd.Average, name=f"digits.{self.tag}.bn.{epoch}.{i}"))
+            v.assign(hvd.allreduce(tf.convert_to_tensor(v), op=hvd.Average, name=f"digits.{self.tag}.bn.{epoch}.{i}"))
         correct = np.argmax(self.model(self.x, training=False).numpy(), 1) == self.y
         acc = hvd.allreduce(tf.constant(float(np.mean(correct)), tf.float64), name=f"digits.{self.tag}.acc.{epoch}")
         self.history.append(float(acc))
@@ -74,11 +75,11 @@ def fit(kind: str, seed: int):
     xtr, xte, ytr, yte = DIGITS.load_data()
     model = build_model(seed)
     sgd = keras.optimizers.SGD(SGD_LR if kind == "sgd" else KFAC_CONFIG["lr"], momentum=0.9)
-    opt = DistributedOptimizer(sgd, model, **KFAC_CONFIG) if kind == "kfac" else hvd_keras.DistributedOptimizer(sgd)
+    opt = DistributedOptimizer(sgd, model, **KFAC_CONFIG) if kind == "kfac" else AveragingOptimizer(sgd)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     shard = np.arange(hvd.rank(), len(xtr), hvd.size())
     accuracy = TestAccuracy(xte, yte, f"{kind}.{seed}")
-    callbacks = [hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0), MetricAverageCallback(), accuracy]
+    callbacks = [BroadcastGlobalVariablesCallback(0), MetricAverageCallback(), accuracy]
     model.fit(xtr[shard], ytr[shard], batch_size=GLOBAL_BATCH // hvd.size(), epochs=MAX_EPOCHS, shuffle=True,
               verbose=0, callbacks=callbacks)
     reached = [i + 1 for i, a in enumerate(accuracy.history) if a >= TARGET]

@@ -10,7 +10,8 @@ import tensorflow as tf
 from hvd_ngd.communicator import SingleProcessCommunicator
 from hvd_ngd.tensorflow import KFAC
 
-keras = tf.keras
+import keras  # noqa: E402  (Keras 3)
+from tests.tensorflow.float_dtype import set_float_dtype  # noqa: E402
 LOCAL, STEPS = 4, 5
 
 
@@ -19,11 +20,11 @@ _INITIAL = []
 
 def make_model():
     """The same initial weights (rank 0's first draw) for every model built in this process."""
-    keras.backend.set_floatx("float64")
+    set_float_dtype("float64")
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"),
                               keras.layers.LayerNormalization(), keras.layers.Dense(3)])
     if not _INITIAL:  # Keras initializers are not reset by tf.random.set_seed: draw once, share
-        _INITIAL.extend(hvd.broadcast(v, root_rank=0, name=f"tf.equiv.init.{i}").numpy() for i, v in enumerate(model.variables))
+        _INITIAL.extend(hvd.broadcast(tf.convert_to_tensor(v), root_rank=0, name=f"tf.equiv.init.{i}").numpy() for i, v in enumerate(model.variables))
     for v, w in zip(model.variables, _INITIAL):
         v.assign(w)
     return model
@@ -117,12 +118,11 @@ def fit(model, optimizer, x, y, batch_size: int, callbacks=()) -> keras.callback
 
 @pytest.mark.parametrize("strategy", ["spngd", "comm-opt", "mem-opt"])
 def test_model_fit_matches_single_process(strategy: str) -> None:
-    """model.fit with hvd_ngd's Keras DistributedOptimizer on local shards == one process fitting
-    the concatenated batches; averaged epoch losses equal the reference's."""
-    import horovod.tensorflow.keras as hvd_keras
-
+    """model.fit (Keras 3) with hvd_ngd's Keras DistributedOptimizer on local shards == one process
+    fitting the concatenated batches; averaged epoch losses equal the reference's. Rank 1 starts
+    from other weights: BroadcastGlobalVariablesCallback gives it rank 0's before the first step."""
     from hvd_ngd.tensorflow.keras import DistributedOptimizer
-    from hvd_ngd.tensorflow.keras.callbacks import MetricAverageCallback
+    from hvd_ngd.tensorflow.keras.callbacks import BroadcastGlobalVariablesCallback, MetricAverageCallback
 
     cfg = dict(damping=0.01, factor_decay=0.8, kl_clip=0.05)
     batches = data()
@@ -139,8 +139,9 @@ def test_model_fit_matches_single_process(strategy: str) -> None:
     y_local = np.concatenate([y[lo:hi] for _, y in batches])
     model = make_model()
     opt = DistributedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), model, strategy=strategy, **cfg)
-    history = fit(model, opt, x_local, y_local, LOCAL,
-                  [hvd_keras.callbacks.BroadcastGlobalVariablesCallback(0), MetricAverageCallback()])
+    for v in model.trainable_variables:
+        v.assign(v * (1.0 + 0.5 * hvd.rank()))
+    history = fit(model, opt, x_local, y_local, LOCAL, [BroadcastGlobalVariablesCallback(0), MetricAverageCallback()])
     assert opt.kfac.steps == 2 * STEPS
     params = np.concatenate([v.numpy().reshape(-1) for v in model.trainable_variables])
     gathered_equal_and_close(params, reference, f"fit.{strategy}")

@@ -17,7 +17,7 @@ from hvd_ngd.preconditioner import CurvatureWarning
 from hvd_ngd.tensorflow import KFAC
 from hvd_ngd.tensorflow.preconditioner import optimizer_hyperparameters
 
-keras = tf.keras
+import keras  # noqa: E402  (Keras 3)
 LOCAL, IN, HIDDEN = 4, 4, 6
 
 
@@ -139,8 +139,8 @@ def test_optimizer_hyperparameters_passed_to_gradient_are_compared(strategy: str
 # ---------------------------------------------------------------------------------------------- numerical faults
 def poison_fc2_activations(kfac: KFAC) -> None:
     layer = next(layer for layer in kfac.layers if layer.name == "fc2")
-    x, z = layer.records[-1]
-    layer.records[-1] = (tf.tensor_scatter_nd_update(x, [[0, 0]], tf.constant([np.nan], x.dtype)), z)
+    rec = layer.records[-1]
+    rec.inputs = tf.tensor_scatter_nd_update(rec.inputs, [[0, 0]], tf.constant([np.nan], rec.inputs.dtype))
 
 
 @pytest.mark.parametrize("strategy", ["spngd", "comm-opt", "mem-opt"])

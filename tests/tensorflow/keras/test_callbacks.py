@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pathlib import Path  # noqa: E402
@@ -23,7 +22,7 @@ from hvd_ngd.tensorflow.keras.callbacks import (  # noqa: E402
 )
 from tests.tensorflow.keras.test_optimizer import N, data, make_model  # noqa: E402
 
-keras = tf.keras
+import keras  # noqa: E402  (Keras 3)
 pytestmark = pytest.mark.usefixtures("float64")
 CFG = dict(damping=0.05, kl_clip=1e-2, strategy="comm-opt", factor_update_interval=2, inv_update_interval=3)
 
@@ -42,7 +41,7 @@ def test_schedule_sets_values_each_epoch_and_logs_them() -> None:
     model, opt = compiled()
     seen = []
     probe = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: seen.append(
-        (opt.kfac.engine.config.damping, opt.kfac.engine.layer_damping[opt.kfac.layers[0].name])))
+        (opt.kfac.engine.schedule.values.damping, opt.kfac.engine.layer_damping[opt.kfac.layers[0].name])))
     schedule = KFACScheduleCallback(damping=lambda epoch: 0.05 * 0.5**epoch, inv_update_interval=lambda epoch: 1 + epoch)
     history = model.fit(x, y, batch_size=N, epochs=3, shuffle=False, verbose=0, callbacks=[schedule, probe])
     assert [d for d, _ in seen] == pytest.approx([0.05, 0.025, 0.0125])
@@ -97,11 +96,11 @@ def test_checkpoint_resume_is_bitwise_identical(tmp_path: Path) -> None:
     ckpt = KFACCheckpointCallback(tmp_path / "kfac-{epoch}.pkl")
     first.fit(x, y, batch_size=N, epochs=2, shuffle=False, verbose=0, callbacks=[ckpt])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kfac-1.pkl", "kfac-2.pkl"]
-    first.save_weights(str(tmp_path / "weights"))
+    first.save_weights(str(tmp_path / "model.weights.h5"))  # Keras 3: weights and optimizer variables
 
     resumed, resumed_opt = compiled()
     resumed.fit(x[:N], y[:N], batch_size=N, epochs=1, verbose=0)  # creates the optimizer's slots
-    resumed.load_weights(str(tmp_path / "weights"))
+    resumed.load_weights(str(tmp_path / "model.weights.h5"))
     load_kfac_state(tmp_path / "kfac-2.pkl", resumed)
     assert resumed_opt.kfac.steps == 8 and int(resumed_opt.iterations.numpy()) == 8
     resumed.fit(x, y, batch_size=N, epochs=4, initial_epoch=2, shuffle=False, verbose=0)
