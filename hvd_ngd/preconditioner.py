@@ -234,7 +234,8 @@ class Preconditioner:
             share = 0.0
             if self.config.inverse_method is InverseMethod.CHOLESKY:
                 da, dg = damping.cholesky_damping(
-                    self.ops, a, g, self.layer_damping[layer], self.config.pi_correction, a_is_diagonal=spec.a_is_diagonal
+                    self.ops, a, g, self.layer_damping[layer], self.config.pi_correction, a_is_diagonal=spec.a_is_diagonal,
+                    rule=self.config.damping_rule,
                 )
                 share = da if statistic == "A" else dg
             factor = a if statistic == "A" else g
@@ -274,11 +275,12 @@ class Preconditioner:
         spec = self.specs[layer]
         if spec.kind.is_unitwise:
             fisher = self.factors[stat_name(layer, "F")]
-            pg, pb = unitwise.unitwise_precondition(self.ops, fisher, grad[0], grad[1], self.layer_damping[layer])
+            lam = damping.unitwise_damping(self.ops, fisher, self.layer_damping[layer], self.config.damping_rule)
+            pg, pb = unitwise.unitwise_precondition(self.ops, fisher, grad[0], grad[1], lam)
             return self.ops.stack([pg, pb], 0)
-        return inverse.precondition_kronecker(
-            self.ops, grad, self.inverses[stat_name(layer, "A")], self.inverses[stat_name(layer, "G")], self.layer_damping[layer]
-        )
+        a_inv, g_inv = self.inverses[stat_name(layer, "A")], self.inverses[stat_name(layer, "G")]
+        lam = damping.kronecker_damping(self.ops, a_inv.eigvals, g_inv.eigvals, self.layer_damping[layer], self.config.damping_rule)
+        return inverse.precondition_kronecker(self.ops, grad, a_inv, g_inv, lam)
 
     def has_curvature(self, layer: str) -> bool:
         """Whether the layer has what ``precondition_layer`` needs."""
@@ -530,6 +532,7 @@ class Preconditioner:
         return {
             "steps": self.steps,
             "method": self.config.inverse_method.value,
+            "damping_rule": self.config.damping_rule.value,
             "hyperparameters": self.scheduled_hyperparameters(),
             "layer_damping": layer_damping,
             "force_inverse": force_inverse,
@@ -559,6 +562,12 @@ class Preconditioner:
             raise ValueError(
                 f"checkpoint inverses were computed with inverse_method={state['method']!r}, "
                 f"this preconditioner uses {self.config.inverse_method.value!r}"
+            )
+        saved_rule = state.get("damping_rule", "absolute")  # states saved before damping_rule existed
+        if saved_rule != self.config.damping_rule.value:
+            raise ValueError(
+                f"checkpoint per-layer damping was saved with damping_rule={saved_rule!r}, this preconditioner "
+                f"uses {self.config.damping_rule.value!r}: construct it with damping_rule={saved_rule!r}"
             )
         unknown = sorted(set(state["factors"]) - set(self.stat_names))
         if unknown:
