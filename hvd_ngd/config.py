@@ -102,10 +102,10 @@ class KFACConfig:
     """
 
     lr: float = 0.1
-    damping: float = 1e-3
+    damping: float = 0.1
     damping_rule: DampingRule = DampingRule.ABSOLUTE
     factor_decay: float = 0.95
-    kl_clip: Optional[float] = 1e-3
+    kl_clip: Optional[float] = 1e-2
     factor_update_interval: Interval = 1
     inv_update_interval: Interval = 1
     interval_policy: IntervalPolicy = IntervalPolicy.FIXED
