@@ -106,8 +106,8 @@ class KFACConfig:
     damping_rule: DampingRule = DampingRule.ABSOLUTE
     factor_decay: float = 0.95
     kl_clip: Optional[float] = 1e-2
-    factor_update_interval: Interval = 1
-    inv_update_interval: Interval = 1
+    factor_update_interval: Interval = 10
+    inv_update_interval: Interval = 50
     interval_policy: IntervalPolicy = IntervalPolicy.FIXED
     adaptive_threshold: float = 0.05
     adaptive_min_interval: int = 1

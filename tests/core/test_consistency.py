@@ -73,7 +73,7 @@ def test_damping_and_interval_drift_are_named() -> None:
         engine.config.damping = 0.02
         engine.config.inv_update_interval = 3
 
-    (_, message0), (_, message1) = drift_run("comm-opt", 1, mutate)
+    (_, message0), (_, message1) = drift_run("comm-opt", 1, mutate, inv_update_interval=1)
     assert message0 == message1
     assert "damping: rank 0 has 0.01, rank 1 has 0.02" in message0
     assert "inv_update_interval: rank 0 has 1, rank 1 has 3" in message0
