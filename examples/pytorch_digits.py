@@ -68,6 +68,10 @@ def load_data(seed: int):
     return torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), torch.from_numpy(yte)
 
 
+#: K-FAC settings besides lr (empty: the library's defaults); ``--kfac-config`` overrides for experiments.
+KFAC_CONFIG: Dict[str, Any] = {}
+
+
 def make_optimizer(kind: str, model: nn.Module, lr: float):
     """Horovod-distributed optimizer of the given kind."""
     if kind == "sgd":
@@ -78,7 +82,7 @@ def make_optimizer(kind: str, model: nn.Module, lr: float):
                                         named_parameters=model.named_parameters())
     if kind == "kfac":
         return ngd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY[kind]),
-                                        model, lr=lr)
+                                        model, lr=lr, **KFAC_CONFIG)
     raise ValueError(f"unknown optimizer {kind!r}: choose sgd, adamw or kfac")
 
 
@@ -121,7 +125,7 @@ def train_one(kind: str, epochs: int, batch_size: int, seed: int, lr: float | No
     local = batch_size // hvd.size()
     steps_per_epoch = len(xtr) // batch_size
     total = steps_per_epoch * epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, WARMUP_EPOCHS * steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, max(1, round(WARMUP_EPOCHS * steps_per_epoch))))
     eval_at = {round(steps_per_epoch * k / evals_per_epoch) for k in range(1, evals_per_epoch + 1)}
     gen = torch.Generator().manual_seed(seed)
     history: Dict[str, List[float]] = {k: [] for k in ("epoch", "step", "seconds", "test_accuracy", "test_loss", "train_loss")}
@@ -192,7 +196,11 @@ def main() -> None:
     parser.add_argument("--evals-per-epoch", type=int, default=4)
     parser.add_argument("--out", default="results/digits_torch")
     parser.add_argument("--lr", default="", help="overrides, e.g. sgd=0.2,kfac=0.05")
+    parser.add_argument("--kfac-config", default="{}", help='JSON of KFACConfig fields, e.g. \'{"inv_update_interval": 10}\'')
+    parser.add_argument("--warmup-epochs", type=float, default=WARMUP_EPOCHS)
     args = parser.parse_args()
+    KFAC_CONFIG.update(json.loads(args.kfac_config))
+    globals()["WARMUP_EPOCHS"] = args.warmup_epochs
     hvd.init()
     torch.set_num_threads(1)
     lrs = {k: float(v) for k, v in (item.split("=") for item in args.lr.split(",") if item)}
