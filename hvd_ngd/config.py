@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar, Union
 
 from hvd_ngd.enums import (
     AssignmentCost,
+    DampingRule,
     FisherType,
     IntervalPolicy,
     InverseMethod,
@@ -65,7 +66,10 @@ class KFACConfig:
 
     Attributes:
         lr: learning rate used by KL clipping (kept in sync with the optimizer by adapters).
-        damping: Tikhonov damping lambda added to the Kronecker product (> 0).
+        damping: Tikhonov damping (> 0): under ``damping_rule`` RELATIVE a fraction of each
+            layer's mean curvature eigenvalue, under ABSOLUTE the lambda added to A (x) G itself.
+        damping_rule: RELATIVE (scale-invariant, lambda = damping * mean eigenvalue of the
+            layer's block) or ABSOLUTE (lambda = damping); see ``hvd_ngd.damping``.
         factor_decay: running-average decay xi of the factors in [0, 1); 0 = current batch only.
         kl_clip: KL-clipping constant kappa (> 0), or None to disable.
         factor_update_interval: steps between factor refreshes (int or callable of the step).
@@ -115,11 +119,12 @@ class KFACConfig:
     """
 
     lr: float = 0.1
-    damping: float = 1e-3
+    damping: float = 0.1
+    damping_rule: DampingRule = DampingRule.ABSOLUTE
     factor_decay: float = 0.95
-    kl_clip: Optional[float] = 1e-3
-    factor_update_interval: Interval = 1
-    inv_update_interval: Interval = 1
+    kl_clip: Optional[float] = 1e-2
+    factor_update_interval: Interval = 10
+    inv_update_interval: Interval = 50
     interval_policy: IntervalPolicy = IntervalPolicy.FIXED
     adaptive_threshold: float = 0.05
     adaptive_min_interval: int = 1
@@ -148,6 +153,7 @@ class KFACConfig:
 
     def __post_init__(self) -> None:
         self.interval_policy = _coerce_enum("interval_policy", self.interval_policy, IntervalPolicy)
+        self.damping_rule = _coerce_enum("damping_rule", self.damping_rule, DampingRule)
         self.inverse_method = _coerce_enum("inverse_method", self.inverse_method, InverseMethod)
         self.fisher_type = _coerce_enum("fisher_type", self.fisher_type, FisherType)
         if self.loss_family is not None:

@@ -27,6 +27,18 @@ class InverseMethod(str, enum.Enum):
     CHOLESKY = "cholesky"
 
 
+class DampingRule(str, enum.Enum):
+    """How the configured ``damping`` becomes each layer's Tikhonov lambda (see ``hvd_ngd.damping``).
+
+    ABSOLUTE: lambda = damping for every layer.
+    RELATIVE: lambda = damping * the mean eigenvalue of the layer's curvature block
+    ((tr A / dim A)(tr G / dim G) for A (x) G), invariant to the scale of each layer's factors.
+    """
+
+    ABSOLUTE = "absolute"
+    RELATIVE = "relative"
+
+
 class FisherType(str, enum.Enum):
     """Which Fisher the factors estimate."""
 

@@ -27,7 +27,7 @@ from hvd_ngd.blocks.block_diagonal import (
 from hvd_ngd.blocks.kronecker import KroneckerBlock
 from hvd_ngd.blocks.layout import BlockLayout, block_layout
 from hvd_ngd.blocks.unitwise_block import UnitwiseBlock
-from hvd_ngd.enums import InverseMethod
+from hvd_ngd.enums import DampingRule, InverseMethod
 from hvd_ngd.layer_spec import LayerSpec
 
 __all__ = [
@@ -47,10 +47,11 @@ __all__ = [
 
 
 def make_block(
-    spec: LayerSpec, method: InverseMethod, pi_correction: bool, a_layout: Any = None, g_layout: Any = None
+    spec: LayerSpec, method: InverseMethod, pi_correction: bool, a_layout: Any = None, g_layout: Any = None,
+    rule: DampingRule = DampingRule.ABSOLUTE,
 ) -> CurvatureBlock:
     """The block of one registered layer (``a_layout`` / ``g_layout``: ``BlockLayout`` of a
     split factor, from the planner)."""
     if spec.kind.is_unitwise:
-        return UnitwiseBlock(spec)
-    return KroneckerBlock(spec, method, pi_correction, a_layout, g_layout)
+        return UnitwiseBlock(spec, rule)
+    return KroneckerBlock(spec, method, pi_correction, a_layout, g_layout, rule)

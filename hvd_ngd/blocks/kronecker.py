@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from hvd_ngd import damping as damping_rules
 from hvd_ngd import inverse
 from hvd_ngd.blocks.base import CurvatureBlock
-from hvd_ngd.enums import InverseMethod
+from hvd_ngd.enums import DampingRule, InverseMethod
 from hvd_ngd.inverse import FactorInverse
 from hvd_ngd.keys import StatKey, Statistic
 from hvd_ngd.layer_spec import LayerSpec
@@ -66,9 +66,11 @@ class KroneckerBlock(CurvatureBlock):
     """
 
     def __init__(
-        self, spec: LayerSpec, method: InverseMethod, pi_correction: bool, a_layout: Any = None, g_layout: Any = None
+        self, spec: LayerSpec, method: InverseMethod, pi_correction: bool, a_layout: Any = None, g_layout: Any = None,
+        rule: DampingRule = DampingRule.ABSOLUTE,
     ) -> None:
         self.spec = spec
+        self.rule = rule
         self.method = method
         self.pi_correction = pi_correction
         self.a_key = StatKey(spec.name, Statistic.A)
@@ -131,7 +133,8 @@ class KroneckerBlock(CurvatureBlock):
             vals, vecs = scaled_eigh(ops, x)
             return FactorInverse(self.method, eigvals=vals, eigvecs=ops.flush_tiny(vecs, 1e-30))
         da, dg = damping_rules.cholesky_damping(
-            ops, factors[self.a_key], factors[self.g_key], damping, self.pi_correction, a_is_diagonal=self.a_diagonal
+            ops, factors[self.a_key], factors[self.g_key], damping, self.pi_correction, a_is_diagonal=self.a_diagonal,
+            rule=self.rule,
         )
         share = da if key.statistic is Statistic.A else dg
         return inverse.invert_factor(ops, x, self.method, share, diagonal=diagonal)
@@ -189,7 +192,8 @@ class KroneckerBlock(CurvatureBlock):
         if cached is not None and cached[0] is a_inv and cached[1] is g_inv and cached[2] == damping:
             return cached[3]
         rows, cols = ops.shape(g_inv.eigvals)[0], ops.shape(a_inv.eigvals)[0]
-        denom = 1.0 / (ops.reshape(g_inv.eigvals, (rows, 1)) * ops.reshape(a_inv.eigvals, (1, cols)) + damping)
+        lam = damping_rules.kronecker_damping(ops, a_inv.eigvals, g_inv.eigvals, damping, self.rule)
+        denom = 1.0 / (ops.reshape(g_inv.eigvals, (rows, 1)) * ops.reshape(a_inv.eigvals, (1, cols)) + lam)
         self._denominator = (a_inv, g_inv, damping, denom)
         return denom
 

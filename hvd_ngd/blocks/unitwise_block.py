@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Tuple
 
+from hvd_ngd import damping as damping_rules
 from hvd_ngd import unitwise
+from hvd_ngd.enums import DampingRule
 from hvd_ngd.blocks.base import CurvatureBlock
 from hvd_ngd.inverse import FactorInverse
 from hvd_ngd.keys import StatKey, Statistic
@@ -19,8 +21,9 @@ class UnitwiseBlock(CurvatureBlock):
     Gradient matrix: (2, C) = [grad_gamma; grad_beta].
     """
 
-    def __init__(self, spec: LayerSpec) -> None:
+    def __init__(self, spec: LayerSpec, rule: DampingRule = DampingRule.ABSOLUTE) -> None:
         self.spec = spec
+        self.rule = rule
         self.f_key = StatKey(spec.name, Statistic.F)
         self.statistics = (self.f_key,)
 
@@ -45,5 +48,7 @@ class UnitwiseBlock(CurvatureBlock):
         inverses: Dict[StatKey, FactorInverse],
         damping: float,
     ) -> Array:
-        pg, pb = unitwise.unitwise_precondition(ops, factors[self.f_key], grad[0], grad[1], damping)
+        fisher = factors[self.f_key]
+        lam = damping_rules.unitwise_damping(ops, fisher, damping, self.rule)
+        pg, pb = unitwise.unitwise_precondition(ops, fisher, grad[0], grad[1], lam)
         return ops.stack([pg, pb], 0)

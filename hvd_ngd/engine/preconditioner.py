@@ -108,7 +108,7 @@ class Preconditioner:
         self.blocks: Dict[str, CurvatureBlock] = {
             s.name: make_block(
                 s, config.inverse_method, config.pi_correction,
-                self.placement.layout(s.name, "A"), self.placement.layout(s.name, "G"),
+                self.placement.layout(s.name, "A"), self.placement.layout(s.name, "G"), config.damping_rule,
             )
             for s in specs
         }
@@ -198,6 +198,11 @@ class Preconditioner:
     def overlap(self) -> bool:
         """Whether KAISA factor allreduces still start in the hooks (off after accumulation)."""
         return not self.statistics.accumulated
+
+    def precondition_layer(self, layer: str, grad: Array) -> Array:
+        """The natural gradient of one layer's gradient matrix from this rank's curvature."""
+        block = self.blocks[layer]
+        return block.precondition(self.ops, grad, self.state.factors, self.state.inverses, self.state.layer_damping[layer])
 
     def has_curvature(self, layer: str) -> bool:
         """Whether this rank holds what preconditioning ``layer`` needs."""
@@ -464,6 +469,7 @@ class Preconditioner:
         return {
             "steps": self.state.steps,
             "method": self.config.inverse_method.value,
+            "damping_rule": self.config.damping_rule.value,
             "hyperparameters": self.schedule.saved(),
             "layer_damping": merged["layer_damping"],
             "force_inverse": merged["force_inverse"],
@@ -493,6 +499,12 @@ class Preconditioner:
             raise ValueError(
                 f"checkpoint inverses were computed with inverse_method={state['method']!r}, "
                 f"this preconditioner uses {self.config.inverse_method.value!r}"
+            )
+        saved_rule = state.get("damping_rule", "absolute")
+        if saved_rule != self.config.damping_rule.value:
+            raise ValueError(
+                f"checkpoint was saved with damping_rule={saved_rule!r}, this preconditioner uses "
+                f"{self.config.damping_rule.value!r}: its per-layer damping would mean something else"
             )
         known = {str(k) for k in self.stat_keys}
         unknown = sorted(set(state["factors"]) - known)

@@ -22,6 +22,7 @@ from hvd_ngd.enums import (
 BAD = {
     "lr": [0.0, -1.0, math.nan, math.inf, "0.1", True],
     "damping": [0.0, -1e-3, math.nan, None],
+    "damping_rule": ["adaptive", "RELATIVE", 1, None],
     "factor_decay": [1.0, -0.1, math.nan],
     "kl_clip": [0.0, -1.0, math.inf],
     "factor_update_interval": [0, -3, 1.5, True, "10"],

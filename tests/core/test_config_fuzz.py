@@ -24,6 +24,7 @@ SPECS = [LayerSpec("fc", LayerKind.LINEAR, 3, 2, True), LayerSpec("ln", LayerKin
 VALID = {
     "lr": st.floats(1e-4, 10.0),
     "damping": st.floats(1e-6, 1.0),
+    "damping_rule": st.sampled_from(["absolute", "relative"]),
     "factor_decay": st.floats(0.0, 0.999),
     "kl_clip": st.one_of(st.none(), st.floats(1e-6, 1.0)),
     "factor_update_interval": st.integers(1, 5),
@@ -48,6 +49,7 @@ INVALID = {
     "factor_update_interval": st.one_of(st.integers(max_value=0), st.just(1.5), st.just(True)),
     "inv_update_interval": st.one_of(st.integers(max_value=0), st.just("10")),
     "interval_policy": st.text(min_size=1).filter(lambda s: s not in ("fixed", "adaptive")),
+    "damping_rule": st.text(min_size=1).filter(lambda s: s not in ("absolute", "relative")),
     "adaptive_threshold": st.floats(max_value=0.0),
     "adaptive_min_interval": st.integers(max_value=0),
     "adaptive_growth": st.floats(max_value=1.0),

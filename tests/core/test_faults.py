@@ -36,7 +36,7 @@ def feed(engine: Preconditioner, rng: np.random.Generator, poison: bool) -> dict
 @pytest.mark.parametrize("strategy", ["spngd", "comm-opt", "mem-opt"])
 def test_nan_activations_fall_back_and_recover_on_every_rank(strategy: str) -> None:
     def body(comm):
-        engine = Preconditioner(SPECS, KFACConfig(strategy=strategy, damping=0.01, kl_clip=None), OPS, comm)
+        engine = Preconditioner(SPECS, KFACConfig(strategy=strategy, damping=0.01, kl_clip=None, factor_update_interval=1, inv_update_interval=1), OPS, comm)
         rng = np.random.default_rng(comm.rank)
         out = []
         for step in range(4):
@@ -92,7 +92,7 @@ def test_damping_escalation_is_capped() -> None:
 
 
 def test_non_finite_statistic_warns_with_layer_and_step() -> None:
-    engine = Preconditioner(SPECS, KFACConfig(damping=0.01), OPS, SingleProcessCommunicator())
+    engine = Preconditioner(SPECS, KFACConfig(damping=0.01, factor_update_interval=1, inv_update_interval=1), OPS, SingleProcessCommunicator())
     rng = np.random.default_rng(1)
     engine.step(feed(engine, rng, poison=False))
     with pytest.warns(CurvatureWarning, match="layer 'bad' uses its plain gradient at step 1: non-finite statistic bad/A"):
@@ -107,7 +107,7 @@ def test_escalation_on_the_preconditioning_rank_reaches_every_rank_and_checkpoin
     checkpoint taken in between keeps the escalation and the forced inverses."""
 
     def body(comm):
-        engine = Preconditioner(SPECS, KFACConfig(strategy=strategy, damping=0.01, kl_clip=None), OPS, comm)
+        engine = Preconditioner(SPECS, KFACConfig(strategy=strategy, damping=0.01, kl_clip=None, factor_update_interval=1, inv_update_interval=1), OPS, comm)
         rng = np.random.default_rng(comm.rank)
         for step in range(3):
             grads = feed(engine, rng, poison=False)

@@ -56,7 +56,7 @@ def test_damping_schedule_with_eigen_takes_effect_at_the_next_step() -> None:
 def test_damping_schedule_with_cholesky_recomputes_inverses() -> None:
     """Cholesky inverses hold the damping: the scheduled step recomputes them from the current
     factors, as a run with that damping and inverses at every step does at that step."""
-    base = dict(damping=0.01, kl_clip=None, inverse_method="cholesky", inv_update_interval=100)
+    base = dict(damping=0.01, kl_clip=None, inverse_method="cholesky", factor_update_interval=1, inv_update_interval=100)
     scheduled = run(KFACConfig(**base), change_at=3, damping=0.5)
     every_step = run(KFACConfig(**dict(base, damping=0.5, inv_update_interval=1)))
     assert_steps_equal(scheduled[3], every_step[3])

@@ -62,7 +62,7 @@ def run(comm, config, world, steps=3):
 
 
 def test_blocks_are_statistics_with_their_own_inverse_workers() -> None:
-    config = KFACConfig(strategy="comm-opt", factor_blocks=BLOCKS, damping=0.05, factor_decay=0.0, kl_clip=None)
+    config = KFACConfig(strategy="comm-opt", factor_blocks=BLOCKS, damping=0.05, factor_decay=0.0, kl_clip=None, factor_update_interval=1, inv_update_interval=1)
     engine = Preconditioner(SPECS, config, OPS, SingleProcessCommunicator())
     assert [str(k) for k in engine.stat_keys] == ["fc1/A#0", "fc1/A#1", "fc1/A#2", "fc1/G#0", "fc1/G#1", "emb/A", "emb/G#0", "emb/G#1"]
     assert StatKey.parse("fc1/A#2") == StatKey("fc1", Statistic.A, 2)
@@ -74,7 +74,7 @@ def test_blocks_are_statistics_with_their_own_inverse_workers() -> None:
 @pytest.mark.parametrize("strategy", ["comm-opt", "spngd", "mem-opt"])
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_split_step_is_block_diagonal_kfac_on_any_world(strategy: str, world: int) -> None:
-    config = KFACConfig(strategy=strategy, factor_blocks=BLOCKS, damping=0.05, factor_decay=0.0, kl_clip=None)
+    config = KFACConfig(strategy=strategy, factor_blocks=BLOCKS, damping=0.05, factor_decay=0.0, kl_clip=None, factor_update_interval=1, inv_update_interval=1)
     if world == 1:
         results = [run(SingleProcessCommunicator(), config, 1)]
     else:
@@ -86,7 +86,7 @@ def test_split_step_is_block_diagonal_kfac_on_any_world(strategy: str, world: in
 
 
 def test_one_block_per_factor_is_exactly_unsplit_kfac() -> None:
-    base = dict(strategy="comm-opt", damping=0.05, factor_decay=0.0, kl_clip=None)
+    base = dict(strategy="comm-opt", damping=0.05, factor_decay=0.0, kl_clip=None, factor_update_interval=1, inv_update_interval=1)
     split1, _, _ = run(SingleProcessCommunicator(), KFACConfig(factor_blocks={"fc1/A": 1, "fc1/G": 1}, **base), 1)
     whole, _, _ = run(SingleProcessCommunicator(), KFACConfig(**base), 1)
     for a, b in zip(split1, whole):
