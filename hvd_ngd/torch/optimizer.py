@@ -65,7 +65,8 @@ def _kaisa_step(self: Any, closure: Any = None) -> Any:
         if amp.scaler_enabled(self.kfac.grad_scaler):
             amp.check_unscaled(self.kfac.grad_scaler, self)
         self.kfac.step(lr=self.param_groups[0]["lr"], hyperparameters=optimizer_hyperparameters(self))
-        if self.kfac.last_step_skipped:  # averaged gradients overflowed: the step is dropped
+        if self.kfac.last_step_skipped:  # averaged gradients were not finite: the step is dropped
+            self._synchronized = False  # as Horovod's step() would: the next step synchronizes again
             return None
         with self.skip_synchronize():
             return type(self).step(self, closure)

@@ -53,7 +53,8 @@ def make_model() -> Net:
     torch.manual_seed(0)
     return Net().double()
 
-CONFIG = dict(lr=0.1, damping=0.01, factor_decay=0.8, kl_clip=0.05, fisher_type="mc", loss_family="cross_entropy")
+CONFIG = dict(lr=0.1, damping=0.01, factor_decay=0.8, kl_clip=0.05, fisher_type="mc", loss_family="cross_entropy",
+              factor_update_interval=1, inv_update_interval=1)
 
 
 class GlobalIndexSampler:
