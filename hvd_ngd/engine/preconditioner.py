@@ -18,19 +18,19 @@ weight_grad^T); unit-wise layers use (2, C) = [grad_gamma; grad_beta].
 
 from __future__ import annotations
 
-import collections.abc
-import math
-import warnings
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from hvd_ngd import consistency
 from hvd_ngd.blocks import CurvatureBlock, make_block
 from hvd_ngd.communicator import Communicator
 from hvd_ngd.config import KFACConfig
+from hvd_ngd.engine import checkpoint
 from hvd_ngd.engine.curvature import Curvature
+from hvd_ngd.engine.nonfinite import GradientGuard, NonFiniteGradientWarning  # noqa: F401 (re-export)
+from hvd_ngd.engine.views import FactorView
 from hvd_ngd.engine.placement import Placement
 from hvd_ngd.engine.schedule import SCHEDULABLE, Schedule
-from hvd_ngd.engine.state import EngineState, merge_states
+from hvd_ngd.engine.state import EngineState
 from hvd_ngd.engine.statistics import BatchStatistics
 from hvd_ngd.engine.wire_codec import WireCodec
 from hvd_ngd.enums import InverseMethod, Strategy
@@ -39,37 +39,6 @@ from hvd_ngd.layer_spec import LayerSpec
 from hvd_ngd.ops.base import Array, ArrayOps
 from hvd_ngd.strategies import make_strategy
 from hvd_ngd.strategies.base import EngineContext, average_fused
-
-
-class NonFiniteGradientWarning(RuntimeWarning):
-    """Some rank's gradients were not finite: every rank skipped the step's update."""
-
-
-def ops_reshape(ops: ArrayOps, x: Array) -> Array:
-    """A 0-d tensor as a 1-element vector (collectives need at least one dimension)."""
-    return ops.reshape(x, (1,))
-
-
-class FactorView(collections.abc.MutableMapping):
-    """Per-statistic values keyed by their string names (``"layer/A"``), for inspection."""
-
-    def __init__(self, factors: Dict[StatKey, Any]) -> None:
-        self._factors = factors
-
-    def __getitem__(self, name: str) -> Array:
-        return self._factors[StatKey.parse(name)]
-
-    def __setitem__(self, name: str, value: Array) -> None:
-        self._factors[StatKey.parse(name)] = value
-
-    def __delitem__(self, name: str) -> None:
-        del self._factors[StatKey.parse(name)]
-
-    def __iter__(self) -> Iterator[str]:
-        return (str(k) for k in self._factors)
-
-    def __len__(self) -> int:
-        return len(self._factors)
 
 
 class Preconditioner:
@@ -126,10 +95,7 @@ class Preconditioner:
             ),
         )
         self._checked_step = -1  # the step whose hyperparameters were last compared
-        self._pending_flag: Optional[Array] = None  # this step's gradient finiteness indicator
-        self._flag_step = -1
-        self._nonfinite_ranks: List[int] = []
-        self.skips: List[Tuple[int, List[int]]] = []  # (step, ranks) of skipped steps
+        self.guard = GradientGuard(ops, comm, config.skip_nonfinite_steps)
         self.last_step_skipped = False
 
     def _on_first_statistic(self, key: StatKey, value: Array) -> None:
@@ -295,70 +261,25 @@ class Preconditioner:
         # Per-layer damping is escalated only where a layer is preconditioned (its SP-NGD owner
         # or KAISA gradient workers): the same allgather shares the largest value with every rank.
         shared = {f"layer_damping.{n}": d for n, d in self.state.layer_damping.items()}
-        flag = self._pending_flag
+        flag = self.guard.take()
         merged = consistency.check_hyperparameters(
             self.comm, self.ops, self.hyperparameters(extra), steps, like, shared_max=shared, device_value=flag
         )
         for n in self.state.layer_damping:
             self.state.layer_damping[n] = merged[f"layer_damping.{n}"]
         if flag is not None:
-            self._nonfinite_ranks = [r for r in range(self.world) if not math.isfinite(merged[f"device_value.r{r}"])]
-            self._pending_flag = None
-            self._flag_step = steps
+            self.guard.shared([merged[f"device_value.r{r}"] for r in range(self.world)], steps)
         self._checked_step = steps
 
-    # ------------------------------------------------------------------ non-finite gradients
-    def _set_gradient_flag(self, grads: Sequence[Array]) -> None:
-        """Compute this rank's gradient finiteness indicator on the device (0 or NaN), to be
-        sent with the step's consistency allgather."""
-        if not self.config.skip_nonfinite_steps or self._flag_step == self.state.steps or not grads:
-            return
-        ops = self.ops
-        total = ops.sum(ops.stack([ops.sum(ops.cast(g, "float64" if ops.dtype_name(g) == "float64" else "float32")) for g in grads], 0))
-        self._pending_flag = total - total  # NaN exactly when some gradient entry is not finite
-
-    def _nonfinite_step(self) -> List[int]:
-        """Ranks whose gradients were not finite at this step (every rank gets the same list).
-        Decided by the step's consistency check when it ran, else here (world 1: one host
-        read; more ranks: one 1-element allreduce, which cannot tell which rank)."""
-        if not self.config.skip_nonfinite_steps:
-            return []
-        if self._pending_flag is None:
-            return self._nonfinite_ranks if self._flag_step == self.state.steps else []
-        flag, self._pending_flag = self._pending_flag, None
-        self._flag_step = self.state.steps
-        if self.world > 1:
-            flag = self.comm.allreduce(ops_reshape(self.ops, flag), name=f"hvd_ngd.finite.s{self.state.steps}", average=False)
-            bad = not math.isfinite(self.ops.to_float(self.ops.sum(flag)))
-            self._nonfinite_ranks = list(range(self.world)) if bad else []
-        else:
-            self._nonfinite_ranks = [0] if not math.isfinite(self.ops.to_float(flag)) else []
-        return self._nonfinite_ranks
+    @property
+    def skips(self) -> List[Tuple[int, List[int]]]:
+        """(step, ranks) of every step skipped for non-finite gradients."""
+        return self.guard.skips
 
     @property
     def skipped_steps(self) -> int:
         """Steps skipped because some rank's gradients were not finite."""
-        return len(self.skips)
-
-    def _skip_step(self, ranks: List[int]) -> None:
-        self.skips.append((self.state.steps, list(ranks)))
-        self.last_step_skipped = True
-        if len(ranks) < self.world or self.world == 1:
-            who = "non-finite gradients on rank(s) " + ", ".join(str(r) for r in ranks)
-        elif self.strategy.reduces_gradients:
-            who = "non-finite gradients on some rank"
-        else:
-            who = "non-finite gradients (averaged over ranks by Horovod: the rank is not known)"
-        warnings.warn(
-            f"hvd_ngd: {who} at step {self.state.steps}: every rank skips this update "
-            f"and folds none of its statistics ({self.skipped_steps} step(s) skipped so far)",
-            NonFiniteGradientWarning,
-            stacklevel=3,
-        )
-        self.statistics.clear()
-        self.strategy.discard(wait=True)
-        self.curvature.end_step()
-        self._checked_step = self._flag_step = -1  # the same step number comes again
+        return len(self.guard.skips)
 
     # ------------------------------------------------------------------ the step
     def checked(self, layers: Sequence[str], pgrads: Dict[str, Array], grads: Mapping[str, Array]) -> None:
@@ -403,12 +324,17 @@ class Preconditioner:
         if lr is not None and lr != self.schedule.values.lr:
             self.schedule.set(lr=float(lr))
         self.last_step_skipped = False
-        self._set_gradient_flag(list(grads.values()) + list(other_grads))
+        self.guard.prepare(list(grads.values()) + list(other_grads), self.state.steps)
         if self.layer_order:
             self.check_hyperparameters(hyperparameters, like=grads[self.layer_order[0]])
-        bad = self._nonfinite_step()
+        bad = self.guard.decide(self.world, self.state.steps)
         if bad:
-            self._skip_step(bad)
+            self.guard.record_skip(bad, self.state.steps, self.world, self.strategy.reduces_gradients)
+            self.last_step_skipped = True
+            self.statistics.clear()
+            self.strategy.discard(wait=True)
+            self.curvature.end_step()
+            self._checked_step = -1  # the same step number comes again
             return dict(grads), list(other_grads)
         self.curvature.forced_now, self.state.force_inverse = set(self.state.force_inverse), set()
         try:
@@ -445,9 +371,9 @@ class Preconditioner:
             pgrads, reduced = self.step(grads, other_grads if reduce_gradients else [], hyperparameters, lr)
             return pgrads, reduced if reduce_gradients else list(other_grads)
         names = list(grads)
-        self._set_gradient_flag(list(grads.values()) + list(other_grads))
+        self.guard.prepare(list(grads.values()) + list(other_grads), self.state.steps)
         self.check_hyperparameters(hyperparameters, like=grads[names[0]] if names else None)
-        if self._nonfinite_step():  # skipped before the gradients are averaged
+        if self.guard.decide(self.world, self.state.steps):  # skipped before the gradients are averaged
             return self.step(grads, other_grads, hyperparameters, lr)
         reduced = average_fused(self.strategy.ctx, [grads[n] for n in names] + list(other_grads), f"grads.s{self.steps}")
         pgrads, _ = self.step(dict(zip(names, reduced[: len(names)])), hyperparameters=hyperparameters, lr=lr)
@@ -460,30 +386,9 @@ class Preconditioner:
         A collective: every rank must call it. Factors and inverses held by other ranks (SP-NGD
         owners, KAISA worker groups) are gathered, so the result can be loaded on any world size.
         Scheduled hyperparameters travel with it. Inverses still in flight (``stale_inverse``)
-        are completed and saved as pending.
+        are completed and saved as pending. See ``engine.checkpoint``.
         """
-        pending = self.strategy.pending_inverses()
-        local = self.state.local_state(self.ops)
-        everyone = self.comm.allgather_object(local, name="hvd_ngd.state_dict") if self.world > 1 else [local]
-        merged = merge_states(everyone, self.layer_order)
-        return {
-            "steps": self.state.steps,
-            "method": self.config.inverse_method.value,
-            "damping_rule": self.config.damping_rule.value,
-            "hyperparameters": self.schedule.saved(),
-            "layer_damping": merged["layer_damping"],
-            "force_inverse": merged["force_inverse"],
-            "tracker": self.schedule.tracker.state_dict(),
-            "factors": merged["factors"],
-            "inverses": merged["inverses"],
-            "pending": {str(k): [self.ops.to_numpy(t) for t in v] for k, v in pending.items()},
-        }
-
-    def _holds(self, key: StatKey) -> bool:
-        """Whether this rank keeps a statistic (SP-NGD: owners only; KAISA: everyone)."""
-        if self.config.strategy is not Strategy.SPNGD:
-            return True
-        return self.placement.layer_owner(key.layer) == self.rank
+        return checkpoint.save(self)
 
     def load_state_dict(self, state: dict, like: Array) -> None:
         """Restore ``state_dict`` output (from this or any other world size).
@@ -493,42 +398,7 @@ class Preconditioner:
             like: a tensor giving the device of the restored tensors.
 
         Raises:
-            ValueError: when the state was saved with other layers or another inverse method.
+            ValueError: when the state was saved with other layers, another inverse method or
+                another damping rule.
         """
-        if state["method"] != self.config.inverse_method.value:
-            raise ValueError(
-                f"checkpoint inverses were computed with inverse_method={state['method']!r}, "
-                f"this preconditioner uses {self.config.inverse_method.value!r}"
-            )
-        saved_rule = state.get("damping_rule", "absolute")
-        if saved_rule != self.config.damping_rule.value:
-            raise ValueError(
-                f"checkpoint was saved with damping_rule={saved_rule!r}, this preconditioner uses "
-                f"{self.config.damping_rule.value!r}: its per-layer damping would mean something else"
-            )
-        known = {str(k) for k in self.stat_keys}
-        unknown = sorted(set(state["factors"]) - known)
-        if unknown:
-            raise ValueError(f"checkpoint holds statistics of layers this model does not register: {unknown}")
-        ops = self.ops
-        self.schedule.load(state.get("hyperparameters", {}))
-        self.schedule.forget_step()
-        self.state.steps = int(state["steps"])
-        self._checked_step = -1
-        self.layer_damping = {k: float(v) for k, v in state["layer_damping"].items()}
-        self.state.force_inverse = {StatKey.parse(k) for k in state["force_inverse"]}
-        self.schedule.tracker.load_state_dict(state["tracker"])
-        factors = {StatKey.parse(k): v for k, v in state["factors"].items()}
-        self.state.factors.clear()
-        self.state.factors.update({k: ops.from_numpy(v, like=like) for k, v in factors.items() if self._holds(k)})
-
-        def rebuild(key: StatKey, tensors: list) -> Any:
-            return self.blocks[key.layer].rebuild_inverse(ops, key, [ops.from_numpy(t, like=like) for t in tensors])
-
-        inverses = {StatKey.parse(k): v for k, v in state["inverses"].items()}
-        self.state.inverses.clear()
-        self.state.inverses.update({k: rebuild(k, v) for k, v in inverses.items() if self._holds(k)})
-        self.curvature.batched.clear()
-        self.strategy.load_pending(
-            {StatKey.parse(k): [ops.from_numpy(t, like=like) for t in v] for k, v in state["pending"].items()}
-        )
+        checkpoint.load(self, state, like)
