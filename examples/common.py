@@ -16,7 +16,7 @@ TARGET = 0.97  # test accuracy the digits examples race to
 
 #: K-FAC variants of the synthetic benchmarks (config overrides), measured against SGD.
 VARIANTS: Dict[str, Dict[str, Any]] = {
-    "every-step": dict(),
+    "every-step": dict(factor_update_interval=1, inv_update_interval=1),
     "fixed-10/100": dict(factor_update_interval=10, inv_update_interval=100),
     "fixed-10/100-fp16": dict(factor_update_interval=10, inv_update_interval=100, wire_dtype="float16"),
     "adaptive": dict(interval_policy="adaptive"),

@@ -38,7 +38,7 @@ from hvd_ngd.communicator import Communicator
 from hvd_ngd.config import KFACConfig
 from hvd_ngd.consistency import check_consistent
 from hvd_ngd.enums import FisherType, LossReduction
-from hvd_ngd.stale import StalenessCounts
+from hvd_ngd.adapter import EngineAPI
 from hvd_ngd.preconditioner import Preconditioner
 from hvd_ngd.registration import register_layers
 from hvd_ngd.tensorflow.keras_version import require_keras, require_keras_object
@@ -86,7 +86,7 @@ def optimizer_hyperparameters(optimizer: Any) -> Dict[str, Scalar]:
     return out
 
 
-class KFAC:
+class KFAC(EngineAPI):
     """Natural-gradient preconditioner for a Keras 3 model.
 
     Registers Dense, Conv2D, Embedding (Kronecker-factored) and BatchNormalization /
@@ -151,32 +151,6 @@ class KFAC:
         self.engine.register_groups()
         for layer in self.layers:
             layer.wrap()
-
-    @property
-    def steps(self) -> int:
-        """Number of preconditioned steps so far."""
-        return self.engine.steps
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped because some rank's gradients were not finite (their gradients came
-        back as zeros: only the optimizer's momentum moved the weights)."""
-        return self.engine.skipped_steps
-
-    def set_hyperparameters(self, **values: Any) -> None:
-        """Change ``lr``, ``damping``, ``factor_decay``, ``kl_clip``, ``factor_update_interval``
-        or ``inv_update_interval`` between steps (a schedule); every rank must do the same."""
-        self.engine.set_hyperparameters(**values)
-
-    @property
-    def hyperparameters(self) -> Dict[str, Any]:
-        """The current scheduled hyperparameters."""
-        return self.engine.scheduled_hyperparameters()
-
-    @property
-    def statistics_counts(self) -> StalenessCounts:
-        """Statistic and inverse computations done and skipped so far (stale statistics)."""
-        return self.engine.tracker.counts
 
     def _skipped(self, pgrads: Dict[str, Any], other_out: List[Any]) -> Tuple[Dict[str, Any], List[Any]]:
         """Zero gradients for a step every rank skips (some rank's gradients were not finite)."""

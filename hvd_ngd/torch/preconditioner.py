@@ -16,7 +16,7 @@ from hvd_ngd.config import KFACConfig
 from hvd_ngd.consistency import check_consistent
 from hvd_ngd.enums import FisherType, LossReduction
 from hvd_ngd.registration import register_layers
-from hvd_ngd.stale import StalenessCounts
+from hvd_ngd.adapter import EngineAPI
 from hvd_ngd.preconditioner import Preconditioner
 from hvd_ngd.torch import amp, fisher
 from hvd_ngd.torch.layers import TorchLayer, functional_submodules, make_layer
@@ -83,7 +83,7 @@ def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> Dict[str, flo
     return out
 
 
-class KFAC:
+class KFAC(EngineAPI):
     """Natural-gradient preconditioner for a torch model in a Horovod job.
 
     The canonical Horovod pattern::
@@ -459,35 +459,6 @@ class KFAC:
             return local
         flag = torch.tensor([1.0 if local else 0.0], dtype=torch.float32)
         return float(self.comm.allreduce(flag, name="hvd_ngd.amp.overflow", average=True)[0]) > 0.0
-
-    @property
-    def steps(self) -> int:
-        """Number of preconditioned steps so far."""
-        return self.engine.steps
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped because some rank's gradients were not finite."""
-        return self.engine.skipped_steps
-
-    def set_hyperparameters(self, **values: Any) -> None:
-        """Change ``lr``, ``damping``, ``factor_decay``, ``kl_clip``, ``factor_update_interval``
-        or ``inv_update_interval`` between steps (a schedule); every rank must do the same.
-
-        Raises:
-            ValueError: an unknown or unschedulable name, or an invalid value (named).
-        """
-        self.engine.set_hyperparameters(**values)
-
-    @property
-    def hyperparameters(self) -> Dict[str, Any]:
-        """The current scheduled hyperparameters."""
-        return self.engine.scheduled_hyperparameters()
-
-    @property
-    def statistics_counts(self) -> StalenessCounts:
-        """Statistic and inverse computations done and skipped so far (stale statistics)."""
-        return self.engine.tracker.counts
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

@@ -41,7 +41,7 @@ def make_model() -> keras.Model:
 
 
 def make_kfac(model: keras.Model, **cfg) -> KFAC:
-    base = dict(strategy="comm-opt", damping=0.01, kl_clip=None, factor_decay=0.9)
+    base = dict(strategy="comm-opt", damping=0.01, kl_clip=None, factor_decay=0.9, factor_update_interval=1, inv_update_interval=1)
     base.update(cfg)
     return KFAC(model, communicator=SingleProcessCommunicator(), reduce_gradients=True, **base)
 

@@ -33,7 +33,8 @@ from tests.tensorflow.float_dtype import set_float_dtype  # noqa: E402
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "keras_digits.py"
 TARGET, MAX_EPOCHS, GLOBAL_BATCH, SEEDS = 0.97, 20, 512, (0, 1, 2, 3)
 SGD_LR = 0.2
-KFAC_CONFIG = dict(lr=0.1, damping=3e-2, kl_clip=None, factor_decay=0.95, strategy="spngd")
+KFAC_CONFIG = dict(lr=0.1, damping=3e-2, kl_clip=None, factor_decay=0.95, strategy="spngd",
+                   factor_update_interval=1, inv_update_interval=1)
 
 
 def load_example() -> ModuleType:

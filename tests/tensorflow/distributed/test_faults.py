@@ -84,7 +84,7 @@ def test_learning_rate_drifting_on_one_rank_raises_on_every_rank_at_the_next_ste
     """Rank 1 halves the learning rate it passes at step 2: every rank raises at step 2 naming
     lr and each rank's value, before any gradient is exchanged; the weights stay as they were."""
     model = make_model()
-    kfac = KFAC(model, reduce_gradients=True, strategy=strategy, damping=0.01, lr=0.05)
+    kfac = KFAC(model, reduce_gradients=True, strategy=strategy, damping=0.01, lr=0.05, factor_update_interval=1, inv_update_interval=1)
     opt = keras.optimizers.SGD(0.05, momentum=0.9)
     lr = tf.Variable(0.05, dtype=tf.float64)
 
@@ -118,7 +118,7 @@ def test_optimizer_hyperparameters_passed_to_gradient_are_compared(strategy: str
     """The optimizer's values (``optimizer_hyperparameters``: here a momentum that differs per
     rank) join the per-step check, eagerly and inside a tf.function (as model.fit runs it)."""
     model = make_model()
-    kfac = KFAC(model, reduce_gradients=True, strategy=strategy, damping=0.01)
+    kfac = KFAC(model, reduce_gradients=True, strategy=strategy, damping=0.01, factor_update_interval=1, inv_update_interval=1)
     opt = keras.optimizers.SGD(0.05, momentum=0.9 if hvd.rank() == 0 else 0.5)
 
     def train_step(x, y):
@@ -149,7 +149,7 @@ def test_nan_on_one_rank_keeps_every_rank_identical_and_finite(strategy: str) ->
     rank (its averaged statistic is NaN), with a warning where the fallback is decided, and all
     ranks keep identical, finite parameters."""
     model = make_model()
-    kfac = KFAC(model, reduce_gradients=True, strategy=strategy, damping=0.01)
+    kfac = KFAC(model, reduce_gradients=True, strategy=strategy, damping=0.01, factor_update_interval=1, inv_update_interval=1)
     opt = keras.optimizers.SGD(0.05, momentum=0.9)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CurvatureWarning)
@@ -176,7 +176,7 @@ def test_failed_decomposition_on_the_worker_keeps_ranks_consistent(strategy: str
     """fc2's A fails to decompose at step 1 (only its inverse worker decomposes it): every rank
     uses fc2's plain gradient, escalates the same damping, and training goes on identically."""
     model = make_model()
-    kfac = KFAC(model, reduce_gradients=True, strategy=strategy, damping=0.01)
+    kfac = KFAC(model, reduce_gradients=True, strategy=strategy, damping=0.01, factor_update_interval=1, inv_update_interval=1)
     opt = keras.optimizers.SGD(0.05, momentum=0.9)
     real = kfac.ops.eigh
 
@@ -206,7 +206,7 @@ def test_model_fit_with_momentum_differing_raises_on_every_rank_naming_it() -> N
     model = make_model()
     before = flat(model)
     sgd = keras.optimizers.SGD(0.05, momentum=0.9 if hvd.rank() == 0 else 0.5)
-    model.compile(optimizer=DistributedOptimizer(sgd, model, damping=0.01), loss=keras.losses.SparseCategoricalCrossentropy(
+    model.compile(optimizer=DistributedOptimizer(sgd, model, damping=0.01, factor_update_interval=1, inv_update_interval=1), loss=keras.losses.SparseCategoricalCrossentropy(
         from_logits=True))
     (x, y), = local_batches(1)
     with pytest.raises((RankMismatchError, tf.errors.InvalidArgumentError), match=r"momentum: rank 0 has 0.9, rank 1 has 0.5"):
