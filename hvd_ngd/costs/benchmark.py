@@ -21,7 +21,7 @@ import numpy as np
 from hvd_ngd.assignment import SplitPolicy, assign
 from hvd_ngd.assignment.plan import AssignmentPlan, TaskKey
 from hvd_ngd.blocks import precondition_block_kronecker
-from hvd_ngd.costs.calibrate import load_or_calibrate
+from hvd_ngd.costs.cache import load_or_calibrate
 from hvd_ngd.costs.model import CostModel
 from hvd_ngd.enums import InverseMethod
 from hvd_ngd.inverse import FactorInverse, invert_factor

@@ -27,7 +27,7 @@ from hvd_ngd.config import KFACConfig
 from hvd_ngd.engine import checkpoint
 from hvd_ngd.engine.curvature import Curvature
 from hvd_ngd.engine.nonfinite import GradientGuard, NonFiniteGradientWarning  # noqa: F401 (re-export)
-from hvd_ngd.engine.views import FactorView
+from hvd_ngd.engine.views import EngineViews
 from hvd_ngd.engine.placement import Placement
 from hvd_ngd.engine.schedule import SCHEDULABLE, Schedule
 from hvd_ngd.engine.state import EngineState
@@ -41,7 +41,7 @@ from hvd_ngd.strategies import make_strategy
 from hvd_ngd.strategies.base import EngineContext, average_fused
 
 
-class Preconditioner:
+class Preconditioner(EngineViews):
     """Per-rank K-FAC / SP-NGD engine.
 
     Args:
@@ -100,70 +100,6 @@ class Preconditioner:
 
     def _on_first_statistic(self, key: StatKey, value: Array) -> None:
         self.strategy.on_statistic(key, value)
-
-    # ------------------------------------------------------------------ views
-    @property
-    def steps(self) -> int:
-        """Preconditioned steps taken."""
-        return self.state.steps
-
-    @steps.setter
-    def steps(self, value: int) -> None:
-        self.state.steps = int(value)
-
-    @property
-    def plan(self) -> Any:
-        """The layer-to-rank assignment."""
-        return self.placement.plan
-
-    @property
-    def tracker(self) -> Any:
-        """The stale-statistics tracker (``tracker.counts`` has refreshed / skipped counts)."""
-        return self.schedule.tracker
-
-    @property
-    def stat_names(self) -> List[StatKey]:
-        """Every statistic's key, in registration order."""
-        return list(self.stat_keys)
-
-    @property
-    def inverses(self) -> FactorView:
-        """The decompositions / inverses this rank holds, by string name."""
-        return FactorView(self.state.inverses)
-
-    @property
-    def factors(self) -> FactorView:
-        """The running factors this rank holds, by string name (``"fc1/A"``)."""
-        return FactorView(self.state.factors)
-
-    def factor(self, layer: str, statistic: str) -> Array:
-        """One running factor (``statistic`` is ``"A"``, ``"G"`` or ``"F"``)."""
-        return self.state.factors[StatKey(layer, Statistic(statistic))]
-
-    @property
-    def layer_damping(self) -> Dict[str, float]:
-        """Per-layer damping (base damping, escalated after failures)."""
-        return self.state.layer_damping
-
-    @layer_damping.setter
-    def layer_damping(self, value: Dict[str, float]) -> None:
-        self.state.layer_damping.clear()
-        self.state.layer_damping.update(value)
-
-    @property
-    def force_inverse(self) -> Set[StatKey]:
-        """Statistics whose inverse is recomputed at the next step."""
-        return self.state.force_inverse
-
-    @property
-    def fallbacks(self) -> List[Tuple[int, str, str]]:
-        """(step, layer, reason) of every plain-gradient fallback."""
-        return self.state.fallbacks
-
-    @property
-    def overlap(self) -> bool:
-        """Whether KAISA factor allreduces still start in the hooks (off after accumulation)."""
-        return not self.statistics.accumulated
 
     def precondition_layer(self, layer: str, grad: Array) -> Array:
         """The natural gradient of one layer's gradient matrix from this rank's curvature."""

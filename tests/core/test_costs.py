@@ -70,7 +70,7 @@ def test_cache_is_reused_until_the_fingerprint_changes(tmp_path, monkeypatch) ->
     first = load_or_calibrate(path, OPS, LIKE, sizes=(8, 16, 32))
     assert path.exists()
     calls = []
-    module = sys.modules["hvd_ngd.costs.calibrate"]
+    module = sys.modules["hvd_ngd.costs.calibrate"]  # load_or_calibrate calls it through the module
     real = module.calibrate
     monkeypatch.setattr(module, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert load_or_calibrate(path, OPS, LIKE, sizes=(8, 16, 32)) == first and calls == []
