@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from hvd_ngd.assignment.items import WorkItem
 from hvd_ngd.assignment.units import Costs, build_units, lpt
