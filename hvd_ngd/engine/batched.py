@@ -73,4 +73,4 @@ class BatchedKronecker:
         n = len(blocks)
         # sum(v * g) from the scaled pair (no subnormal products), rescaled per layer
         vg = ops.sum(ops.reshape(ps * gs, (n, -1)), 1) * ops.reshape(scale * scale, (n,))
-        return [v[i] for i in range(n)], ops.cast(vg, out_dtype)
+        return ops.unstack(v), ops.cast(vg, out_dtype)

@@ -40,10 +40,7 @@ class GradientGuard:
         """Compute the local indicator of ``step`` (once per step)."""
         if not self.enabled or self.decided_step == step or self.pending is not None or not grads:
             return
-        ops = self.ops
-        sums = [ops.sum(ops.cast(g, "float64" if ops.dtype_name(g) == "float64" else "float32")) for g in grads]
-        total = ops.sum(ops.stack(sums, 0))
-        self.pending = total - total
+        self.pending = self.ops.nonfinite_indicator(grads)
 
     def take(self) -> Optional[Array]:
         """The pending indicator, for the consistency allgather (None: nothing to send)."""

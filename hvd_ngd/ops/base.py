@@ -7,7 +7,7 @@ numpy implementation in ``hvd_ngd.ops.numpy_ops`` is the reference used by the t
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Any, List, Protocol, Sequence, Tuple, runtime_checkable
 
 Array = Any  # a framework tensor or numpy array
 
@@ -84,6 +84,13 @@ class ArrayOps(Protocol):
 
     def amax(self, x: Array, axis: Any = None, keepdims: bool = False) -> Array:
         """Largest element over ``axis`` (an int, a tuple of ints, or None for all)."""
+
+    def unstack(self, x: Array) -> List[Array]:
+        """The slices ``x[0], x[1], ...`` along the first axis (views where the backend has them)."""
+
+    def nonfinite_indicator(self, xs: Sequence[Array]) -> Array:
+        """A 0-d float tensor: 0 when every element of every array is finite, NaN otherwise
+        (computed on the device; nothing is read back)."""
 
     def flush_tiny(self, x: Array, threshold: float) -> Array:
         """``x`` with the elements of magnitude below ``threshold`` set to 0 (keeps subnormal

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import numpy as np
 
@@ -59,6 +59,14 @@ class NumpyOps:
 
     def amax(self, x: np.ndarray, axis: Any = None, keepdims: bool = False) -> np.ndarray:
         return np.amax(x, axis=axis, keepdims=keepdims)
+
+    def unstack(self, x: np.ndarray) -> List[np.ndarray]:
+        return list(x)
+
+    def nonfinite_indicator(self, xs: Sequence[np.ndarray]) -> np.ndarray:
+        with np.errstate(invalid="ignore", over="ignore"):
+            total = np.sum([np.sum(x, dtype=np.float64) for x in xs])
+            return np.asarray(total - total)
 
     def flush_tiny(self, x: np.ndarray, threshold: float) -> np.ndarray:
         return np.where(np.abs(x) < threshold, np.zeros_like(x), x)

@@ -6,7 +6,7 @@ the ``like`` arguments only give dtypes here.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -79,6 +79,14 @@ class TFOps:
 
     def amax(self, x: tf.Tensor, axis: Any = None, keepdims: bool = False) -> tf.Tensor:
         return tf.reduce_max(x, axis=axis, keepdims=keepdims)
+
+    def unstack(self, x: tf.Tensor) -> List[tf.Tensor]:
+        return tf.unstack(x, axis=0)
+
+    def nonfinite_indicator(self, xs: Sequence[tf.Tensor]) -> tf.Tensor:
+        dtype = tf.float64 if any(x.dtype == tf.float64 for x in xs) else tf.float32
+        total = tf.add_n([tf.cast(tf.reduce_sum(x), dtype) for x in xs])
+        return total - total
 
     def flush_tiny(self, x: tf.Tensor, threshold: float) -> tf.Tensor:
         return tf.where(tf.abs(x) < threshold, tf.zeros_like(x), x)

@@ -105,11 +105,17 @@ class TorchLayer:
 
     def set_grad_matrix(self, mat: torch.Tensor) -> None:
         """Write a (preconditioned) gradient matrix back into ``.grad`` (in the grad's dtype)."""
+        for dst, src in self.grad_writes(mat):
+            dst.copy_(src)
+
+    def grad_writes(self, mat: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(destination ``.grad`` view, source view of ``mat``) pairs that ``set_grad_matrix``
+        copies; the adapter copies every layer's pairs in one fused ``_foreach_copy_``."""
         w = self.module.weight
-        n_in = mat.shape[1] - (1 if self.module.bias is not None else 0)
-        w.grad.copy_(mat[:, :n_in].reshape(w.shape))
-        if self.module.bias is not None:
-            self.module.bias.grad.copy_(mat[:, n_in].reshape(self.module.bias.shape))
+        if self.module.bias is None:
+            return [(w.grad, mat.reshape(w.shape))]
+        n_in = mat.shape[1] - 1
+        return [(w.grad, mat[:, :n_in].reshape(w.shape)), (self.module.bias.grad, mat[:, n_in].reshape(self.module.bias.shape))]
 
 
 class LinearLayer(TorchLayer):
@@ -189,13 +195,13 @@ class ConvLayer(TorchLayer):
             mat = torch.cat([mat, self.module.bias.grad[self.out_slice].reshape(-1, 1).to(mat.dtype)], dim=1)
         return mat
 
-    def set_grad_matrix(self, mat: torch.Tensor) -> None:
-        w = self.module.weight
-        rows = w.grad[self.out_slice]
+    def grad_writes(self, mat: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        rows = self.module.weight.grad[self.out_slice]
         n_in = mat.shape[1] - (1 if self.module.bias is not None else 0)
-        rows.copy_(mat[:, :n_in].reshape(rows.shape))
+        writes = [(rows, mat[:, :n_in].reshape(rows.shape))]
         if self.module.bias is not None:
-            self.module.bias.grad[self.out_slice].copy_(mat[:, n_in])
+            writes.append((self.module.bias.grad[self.out_slice], mat[:, n_in]))
+        return writes
 
 
 class EmbeddingLayer(TorchLayer):
@@ -215,8 +221,8 @@ class EmbeddingLayer(TorchLayer):
             raise UnsupportedLayerError(f"layer {self.name!r}: sparse Embedding gradients are not supported")
         return w.t()
 
-    def set_grad_matrix(self, mat: torch.Tensor) -> None:
-        self.module.weight.grad.copy_(mat.t())
+    def grad_writes(self, mat: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.module.weight.grad, mat.t())]
 
 
 class UnitwiseLayer(TorchLayer):
@@ -243,9 +249,11 @@ class UnitwiseLayer(TorchLayer):
             raise RuntimeError(f"layer {self.name!r} has no gradient: call loss.backward() before step()")
         return torch.stack([w.reshape(-1), b.reshape(-1)], dim=0)
 
-    def set_grad_matrix(self, mat: torch.Tensor) -> None:
-        self.module.weight.grad.copy_(mat[0].reshape(self.module.weight.shape))
-        self.module.bias.grad.copy_(mat[1].reshape(self.module.bias.shape))
+    def grad_writes(self, mat: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (self.module.weight.grad, mat[0].reshape(self.module.weight.shape)),
+            (self.module.bias.grad, mat[1].reshape(self.module.bias.shape)),
+        ]
 
 
 class ChannelNormLayer(UnitwiseLayer):

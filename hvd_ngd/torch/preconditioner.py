@@ -263,7 +263,13 @@ class KFAC(EngineAPI):
     def _forward_hook(self, layer: TorchLayer, module: nn.Module, inputs: Sequence[Any], output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()) or not torch.is_tensor(output):
             return
-        wanted = self.engine.capture_plan().get(layer.name, set())
+        wanted = self.engine.capture_plan().get(layer.name)
+        if not wanted:
+            # nothing to capture from this layer: one hook per forward pass notes that backward ran
+            if output.requires_grad and (not self._marker_armed or layer is self.layers[0]):
+                self._marker_armed = True
+                output.register_hook(eager_hook(self._backward_marker))
+            return
         x = inputs[0]
         batch = layer.batch_size(x)
         dtype = layer.stat_dtype
@@ -440,8 +446,8 @@ class KFAC(EngineAPI):
             self._backward_seen = self._grad_seen = self._marker_armed = False
             return False
         with torch.no_grad():
-            for layer in self.layers:
-                layer.set_grad_matrix(pgrads[layer.name])
+            writes = [w for layer in self.layers for w in layer.grad_writes(pgrads[layer.name])]
+            torch._foreach_copy_([d for d, _ in writes], [s for _, s in writes])
             for p, g in zip(self.other_params if self.reduce_gradients else [], others_out):
                 if g is not p.grad:
                     p.grad.copy_(g)

@@ -53,6 +53,17 @@ def test_methods_match_numpy(dtype) -> None:
     np.testing.assert_array_equal(T.to_numpy(T.ones((2,), tx)), np.ones((2,), dtype))
     np.testing.assert_array_equal(T.to_numpy(T.eye(3, tx)), np.eye(3, dtype=dtype))
     assert T.all_finite(tx) and not T.all_finite(tx * np.nan)
+    for bad in (None, np.nan, np.inf, -np.inf):
+        xs = [x, x[:2].copy()]
+        if bad is not None:
+            xs[1][1, 2] = bad
+        expect = N.to_float(N.nonfinite_indicator(xs))
+        assert (expect == 0.0) == (bad is None)
+        got = T.to_float(T.nonfinite_indicator([T.from_numpy(a) for a in xs]))
+        assert (got == 0.0) == (bad is None) and (np.isnan(got) == np.isnan(expect))
+    np.testing.assert_array_equal([T.to_numpy(a) for a in T.unstack(tx)], N.unstack(x))
+    tiny = np.array([1e-31, -1e-31, 2e-30, -1.0, 0.0], dtype)
+    np.testing.assert_array_equal(T.to_numpy(T.flush_tiny(T.from_numpy(tiny), 1e-30)), N.flush_tiny(tiny, 1e-30))
     rows, cols = T.triu_indices(4, tx)
     nr, nc = N.triu_indices(4, x)
     np.testing.assert_array_equal(T.to_numpy(rows), nr)
