@@ -7,6 +7,8 @@ Runs, each K-FAC row relative to SGD in the same run:
   linear-algebra share;
 - examples/pytorch_synthetic_benchmark.py on 1, 2 and 4 ranks (4 ranks oversubscribe a 2-core
   machine) and examples/keras_synthetic_benchmark.py on 2 ranks: images/sec and bytes;
+- examples/transformer_lm.py on 2 ranks: seconds and steps to the target validation loss,
+  AdamW vs K-FAC with the library's defaults plus a learning rate;
 - the curvature cost model: predicted vs measured curvature time at 1, 2 and 4 virtual ranks;
 - plans of ResNet-50 (107 layers) and BERT-Large for 8 to 1,024 ranks: makespan / lower bound
   with and without factor splitting (scripts/plans.py writes the full tables and the plot).
@@ -46,6 +48,24 @@ def run_step_cost(ranks: int, out: Path, steps: int) -> list:
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=1800)
     return json.loads(path.read_text())
+
+
+def run_lm(ranks: int, out: Path, steps: int) -> dict:
+    """The transformer LM's time to its target validation loss, AdamW vs K-FAC (defaults + lr)."""
+    path = out / f"lm_np{ranks}"
+    cmd = [str(ROOT / ".venv/bin/horovodrun"), "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo",
+           str(ROOT / ".venv/bin/python"), str(ROOT / "examples/transformer_lm.py"), "--steps", str(steps), "--out", str(path)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=1800)
+    return json.loads((path / "summary.json").read_text())
+
+
+def lm_markdown(summary: dict) -> str:
+    """The LM section of bench.md: the example's table and K-FAC / AdamW ratios."""
+    cmp = summary.get("comparison", {})
+    fmt = lambda v: "not reached" if v is None else f"{v:.2f}x"  # noqa: E731
+    return (f"## Transformer LM: time to the target validation loss\n\n{summary['setup']}\n\n```\n{summary['table']}\n```\n\n"
+            f"K-FAC / AdamW: seconds {fmt(cmp.get('kfac_seconds_vs_adamw'))}, steps {fmt(cmp.get('kfac_steps_vs_adamw'))}\n")
 
 
 def plans() -> list:
@@ -99,16 +119,21 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--step-cost-ranks", default="1,2")
     parser.add_argument("--step-cost-steps", type=int, default=80)
+    parser.add_argument("--lm-ranks", default="2", help="ranks for the transformer LM ('' to skip)")
+    parser.add_argument("--lm-steps", type=int, default=300)
     args = parser.parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     step_cost = [run for n in args.step_cost_ranks.split(",") if n for run in run_step_cost(int(n), out, args.step_cost_steps)]
     synthetic = [run_synthetic(int(n), out, args.iters) for n in args.ranks.split(",") if n]
     synthetic += [run_synthetic(int(n), out, args.iters, "keras") for n in args.keras_ranks.split(",") if n]
+    lm = [run_lm(int(n), out, args.lm_steps) for n in args.lm_ranks.split(",") if n]
     curvature_md, curvature_rows, _ = numpy_curvature_report(out / "cost_model_numpy.json")
-    results = {"step_cost": step_cost, "synthetic": synthetic, "plans": plans(), "curvature": curvature_rows}
+    results = {"step_cost": step_cost, "synthetic": synthetic, "lm": [{k: v for k, v in r.items() if k != "runs"} for r in lm],
+               "plans": plans(), "curvature": curvature_rows}
     (out / "bench.json").write_text(json.dumps(results, indent=2, default=float))
     table = "## Per-step cost by step type (thread CPU clock)\n\n" + step_cost_markdown(step_cost) + "\n" + markdown(results)
+    table += "".join("\n" + lm_markdown(r) for r in lm)
     table += "\n" + curvature_md
     (out / "bench.md").write_text(table)
     print(table)

@@ -56,6 +56,7 @@ class Curvature:
         self.state = state
         self.schedule = schedule
         self.batched = BatchedKronecker()
+        self._shape_groups: Dict[Tuple[str, ...], List[List[KroneckerBlock]]] = {}
         self.fallen: Set[str] = set()  # layers on their plain gradient at this step
         self.forced_now: Set[StatKey] = set()  # inverses recomputed now after a failure
 
@@ -152,7 +153,11 @@ class Curvature:
                 singles.append(name)
         names: List[str] = []
         pieces: List[Array] = []
-        for group in shape_groups(kron):
+        group_key = tuple(b.name for b in kron)
+        groups = self._shape_groups.get(group_key)
+        if groups is None:  # once per set of preconditioned layers
+            groups = self._shape_groups[group_key] = shape_groups(kron)
+        for group in groups:
             if len(group) == 1:
                 b = group[0]
                 out[b.name] = b.precondition(ops, grads[b.name], state.factors, state.inverses, state.layer_damping[b.name])

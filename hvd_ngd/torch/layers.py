@@ -97,10 +97,10 @@ class TorchLayer:
     def grad_matrix(self) -> torch.Tensor:
         """The layer's gradient as the core's matrix (weight grad, bias grad as last column)."""
         w = self._weight_grad()
-        mat = w.reshape(w.shape[0], -1)
-        if self.module.bias is not None:
-            b = self.module.bias.grad
-            mat = torch.cat([mat, b.reshape(-1, 1).to(mat.dtype)], dim=1)
+        mat = w if w.dim() == 2 else w.reshape(w.shape[0], -1)
+        bias = self.module.bias
+        if bias is not None:
+            mat = torch.cat([mat, bias.grad.reshape(-1, 1).to(mat.dtype)], dim=1)
         return mat
 
     def set_grad_matrix(self, mat: torch.Tensor) -> None:
@@ -111,11 +111,12 @@ class TorchLayer:
     def grad_writes(self, mat: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """(destination ``.grad`` view, source view of ``mat``) pairs that ``set_grad_matrix``
         copies; the adapter copies every layer's pairs in one fused ``_foreach_copy_``."""
-        w = self.module.weight
-        if self.module.bias is None:
-            return [(w.grad, mat.reshape(w.shape))]
-        n_in = mat.shape[1] - 1
-        return [(w.grad, mat[:, :n_in].reshape(w.shape)), (self.module.bias.grad, mat[:, n_in].reshape(self.module.bias.shape))]
+        wgrad = self.module.weight.grad
+        bias = self.module.bias
+        if bias is None:
+            return [(wgrad, mat if wgrad.dim() == 2 else mat.reshape(wgrad.shape))]
+        w, b = mat.split(mat.shape[1] - 1, 1)
+        return [(wgrad, w if wgrad.dim() == 2 else w.reshape(wgrad.shape)), (bias.grad, b.squeeze(1))]
 
 
 class LinearLayer(TorchLayer):
