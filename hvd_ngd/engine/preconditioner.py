@@ -7,7 +7,8 @@ together, once per world:
 
 - the per-layer curvature blocks (``hvd_ngd.blocks``),
 - the placement plan (``engine.placement``),
-- the schedule: due statistics and scheduled hyperparameters (``engine.schedule``),
+- the schedule: due statistics and scheduled hyperparameters (``engine.schedule``; the
+  methods that change and check them are in ``engine.hyperparameters``),
 - the state: factors, inverses, damping, step (``engine.state``),
 - the factor math and health checks (``engine.curvature``),
 - one distribution strategy (``hvd_ngd.strategies``), which owns its own per-step state.
@@ -18,22 +19,22 @@ weight_grad^T); unit-wise layers use (2, C) = [grad_gamma; grad_beta].
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from hvd_ngd import consistency
 from hvd_ngd.blocks import CurvatureBlock, make_block
 from hvd_ngd.communicator import Communicator
 from hvd_ngd.config import KFACConfig
 from hvd_ngd.engine import checkpoint
 from hvd_ngd.engine.curvature import Curvature
 from hvd_ngd.engine.nonfinite import GradientGuard, NonFiniteGradientWarning  # noqa: F401 (re-export)
+from hvd_ngd.engine.hyperparameters import EngineHyperparameters
 from hvd_ngd.engine.views import EngineViews
 from hvd_ngd.engine.placement import Placement
 from hvd_ngd.engine.schedule import SCHEDULABLE, Schedule
 from hvd_ngd.engine.state import EngineState
 from hvd_ngd.engine.statistics import BatchStatistics
 from hvd_ngd.engine.wire_codec import WireCodec
-from hvd_ngd.enums import InverseMethod, Strategy
+from hvd_ngd.enums import Strategy
 from hvd_ngd.keys import StatKey, Statistic
 from hvd_ngd.layer_spec import LayerSpec
 from hvd_ngd.ops.base import Array, ArrayOps
@@ -41,7 +42,7 @@ from hvd_ngd.strategies import make_strategy
 from hvd_ngd.strategies.base import EngineContext, average_fused
 
 
-class Preconditioner(EngineViews):
+class Preconditioner(EngineHyperparameters, EngineViews):
     """Per-rank K-FAC / SP-NGD engine.
 
     Args:
@@ -141,71 +142,6 @@ class Preconditioner(EngineViews):
             return
         for key, part in block.split_statistic(self.ops, kind, value):
             self.statistics.add(key, part)
-
-    # ------------------------------------------------------------------ hyperparameters
-    def set_hyperparameters(self, **values: Any) -> None:
-        """Change hyperparameters between steps (a schedule); every rank must do the same.
-
-        ``damping`` keeps each layer's escalation factor (a layer whose damping was raised after
-        failures stays that many times above the new base, capped by ``max_damping``); with the
-        Cholesky method, whose inverses hold the damping, every inverse is recomputed at the next
-        step. The per-step consistency check reports ranks that scheduled differently.
-
-        Args:
-            **values: new values of ``SCHEDULABLE`` fields (validated as ``KFACConfig`` does).
-
-        Raises:
-            ValueError: an unknown or unschedulable name, or an invalid value (named).
-        """
-        old_damping = self.schedule.values.damping
-        self.schedule.set(**values)
-        new_damping = self.schedule.values.damping
-        if new_damping != old_damping:
-            for n, current in self.state.layer_damping.items():
-                self.state.layer_damping[n] = min(self.config.max_damping, new_damping * (current / old_damping))
-            if self.config.inverse_method is InverseMethod.CHOLESKY:
-                self.state.force_inverse.update(k for b in self.blocks.values() for k in b.inverted)
-
-    def hyperparameters(self, extra: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
-        """The values every rank must agree on at this step (see ``check_hyperparameters``).
-
-        Args:
-            extra: values the adapter adds, e.g. the optimizer's ``optimizer.momentum``.
-        """
-        values = self.schedule.compared(self.state.steps)
-        values.update({k: float(v) for k, v in (extra or {}).items()})
-        return values
-
-    def scheduled_hyperparameters(self) -> Dict[str, Any]:
-        """Current values of the ``SCHEDULABLE`` fields (saved by ``state_dict``)."""
-        return self.schedule.saved()
-
-    def load_hyperparameters(self, values: Mapping[str, Any]) -> None:
-        """Set ``scheduled_hyperparameters`` output as it was saved."""
-        self.schedule.load(values)
-
-    def check_hyperparameters(self, extra: Optional[Mapping[str, float]] = None, like: Optional[Array] = None) -> None:
-        """Raise ``RankMismatchError`` on every rank when ranks step with different values.
-
-        Runs every ``consistency_check_interval`` steps on more than one rank: one allgather of
-        a few float64 values, before any gradient of the step is communicated.
-        """
-        every = self.config.consistency_check_interval
-        steps = self.state.steps
-        if self.world == 1 or not every or steps % every or self._checked_step == steps:
-            return
-        # Per-layer damping is escalated only where a layer is preconditioned (its SP-NGD owner
-        # or KAISA gradient workers): the same allgather shares the largest value with every rank.
-        shared = {f"layer_damping.{n}": d for n, d in self.state.layer_damping.items()}
-        flag = self.guard.take()
-        merged = consistency.check_hyperparameters(
-            self.comm, self.ops, self.hyperparameters(extra), steps, like, shared_max=shared, device_value=flag
-        )
-        for n in self.state.layer_damping:
-            self.state.layer_damping[n] = merged[f"layer_damping.{n}"]
-        if flag is not None:
-            self.guard.shared([merged[f"device_value.r{r}"] for r in range(self.world)], steps)
-        self._checked_step = steps
 
     @property
     def skips(self) -> List[Tuple[int, List[int]]]:

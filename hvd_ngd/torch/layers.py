@@ -103,14 +103,10 @@ class TorchLayer:
             mat = torch.cat([mat, bias.grad.reshape(-1, 1).to(mat.dtype)], dim=1)
         return mat
 
-    def set_grad_matrix(self, mat: torch.Tensor) -> None:
-        """Write a (preconditioned) gradient matrix back into ``.grad`` (in the grad's dtype)."""
-        for dst, src in self.grad_writes(mat):
-            dst.copy_(src)
-
     def grad_writes(self, mat: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """(destination ``.grad`` view, source view of ``mat``) pairs that ``set_grad_matrix``
-        copies; the adapter copies every layer's pairs in one fused ``_foreach_copy_``."""
+        """How a (preconditioned) gradient matrix goes back into ``.grad``: (destination ``.grad``
+        view, source view of ``mat``) pairs; the adapter copies every layer's pairs in one fused
+        ``_foreach_copy_`` (which casts to the grad's dtype)."""
         wgrad = self.module.weight.grad
         bias = self.module.bias
         if bias is None:

@@ -265,10 +265,8 @@ class KFAC(EngineAPI):
             return
         wanted = self.engine.capture_plan().get(layer.name)
         if not wanted:
-            # nothing to capture from this layer: one hook per forward pass notes that backward ran
-            if output.requires_grad and (not self._marker_armed or layer is self.layers[0]):
-                self._marker_armed = True
-                output.register_hook(eager_hook(self._backward_marker))
+            if output.requires_grad:
+                self._arm_backward_marker(layer, output)
             return
         x = inputs[0]
         batch = layer.batch_size(x)
@@ -283,12 +281,17 @@ class KFAC(EngineAPI):
         from_backward = set() if self.mc else wanted
         if from_backward & {"G", "F"}:
             output.register_hook(eager_hook(functools.partial(self._output_grad_hook, layer, from_backward, batch, x_hat)))
-        elif not self._marker_armed or layer is self.layers[0]:
-            # nothing to capture from this backward: one hook per forward pass notes that it ran
-            self._marker_armed = True
-            output.register_hook(eager_hook(self._backward_marker))
+        else:
+            self._arm_backward_marker(layer, output)
         if self.mc and wanted & {"G", "F"}:
             self._mc_pending.append(_PendingOutput(layer, wanted, batch, x_hat, output))
+
+    def _arm_backward_marker(self, layer: TorchLayer, output: torch.Tensor) -> None:
+        """Nothing to capture from this layer's backward: one hook per forward pass (on the
+        first layer that has nothing due) notes that backward ran."""
+        if not self._marker_armed or layer is self.layers[0]:
+            self._marker_armed = True
+            output.register_hook(eager_hook(self._backward_marker))
 
     def _backward_marker(self, grad: torch.Tensor) -> None:
         if not self._in_mc_pass:
