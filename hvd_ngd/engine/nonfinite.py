@@ -40,7 +40,8 @@ class GradientGuard:
         """Compute the local indicator of ``step`` (once per step)."""
         if not self.enabled or self.decided_step == step or self.pending is not None or not grads:
             return
-        self.pending = self.ops.nonfinite_indicator(grads)
+        total = self.ops.total_sum(grads)
+        self.pending = total - total
 
     def take(self) -> Optional[Array]:
         """The pending indicator, for the consistency allgather (None: nothing to send)."""

@@ -88,9 +88,10 @@ class ArrayOps(Protocol):
     def unstack(self, x: Array) -> List[Array]:
         """The slices ``x[0], x[1], ...`` along the first axis (views where the backend has them)."""
 
-    def nonfinite_indicator(self, xs: Sequence[Array]) -> Array:
-        """A 0-d float tensor: 0 when every element of every array is finite, NaN otherwise
-        (computed on the device; nothing is read back)."""
+    def total_sum(self, xs: Sequence[Array]) -> Array:
+        """Sum of every element of every array, as a 0-d float32 tensor (float64 when any array
+        is float64), computed on the device in as few launches as the backend allows; inf or NaN
+        when any element is (the L1 norm may stand in for the sum where that fuses better)."""
 
     def flush_tiny(self, x: Array, threshold: float) -> Array:
         """``x`` with the elements of magnitude below ``threshold`` set to 0 (keeps subnormal

@@ -76,17 +76,15 @@ class TorchOps:
     def unstack(self, x: torch.Tensor) -> List[torch.Tensor]:
         return list(x.unbind(0))
 
-    def nonfinite_indicator(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def total_sum(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         dtype = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
         if xs[0].is_cuda:
-            # one fused launch per dtype instead of one reduction per tensor; the L1 norm is
-            # NaN or inf exactly when the tensor holds a NaN or an inf (or its sum overflows).
-            # On CPU the fused L1 kernel is slower than per-tensor sums.
+            # one fused launch per dtype instead of one reduction per tensor (the L1 norm: inf or
+            # NaN exactly when the sum is); on CPU that kernel is slower than per-tensor sums.
             parts = [n.to(dtype) for n in torch._foreach_norm(list(xs), 1, dtype=dtype)]
         else:
             parts = [x.sum(dtype=dtype) for x in xs]
-        total = torch.stack(parts).sum() if len(parts) > 1 else parts[0]
-        return total - total
+        return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
 
     def flush_tiny(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
         return torch.nn.functional.hardshrink(x, threshold)  # one fused pass: 0 where |x| <= threshold
