@@ -158,6 +158,25 @@ class StalenessTracker:
             self._counts.inverse_skipped += len(names)
         return True
 
+    def quiet_steps(self, start: int, limit: int) -> int:
+        """How many consecutive steps from ``start`` (at most ``limit``) refresh no statistic and
+        no inverse, as far as the tracker knows now (a pure query: nothing is counted).
+
+        FIXED: steps that are multiples of neither interval. ADAPTIVE: steps before the earliest
+        next due step (an inverse is refreshed only with its statistic).
+        """
+        if self.adaptive:
+            first = min(self._next_due.values()) if self._next_due else start + limit
+            return max(0, min(limit, first - start))
+        quiet = 0
+        for step in range(start, start + limit):
+            every = resolve_interval("factor_update_interval", self._intervals.factor_update_interval, step)
+            inv_every = resolve_interval("inv_update_interval", self._intervals.inv_update_interval, step)
+            if step % every == 0 or step % inv_every == 0:
+                break
+            quiet += 1
+        return quiet
+
     def record_refresh(self, name: str, step: int, change: Optional[float]) -> None:
         """Adapt the interval of ``name`` after it was refreshed at ``step``.
 

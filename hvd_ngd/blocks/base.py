@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from hvd_ngd.inverse import FactorInverse
 from hvd_ngd.keys import StatKey
@@ -67,3 +67,20 @@ class CurvatureBlock(abc.ABC):
         damping: float,
     ) -> Array:
         """The natural gradient of the layer's gradient matrix, in the gradient's dtype."""
+
+    # ------------------------------------------------------------------ frozen curvature
+    def operand_shapes(self) -> Optional[List[Tuple[int, ...]]]:
+        """Shapes of ``operands`` (None: this block cannot precondition from operands, so a
+        compiled frozen step is not available for it)."""
+        return None
+
+    def operands(
+        self, ops: ArrayOps, factors: Mapping[StatKey, Array], inverses: Mapping[StatKey, FactorInverse], damping: float
+    ) -> Tuple["Array | float", ...]:
+        """Everything ``apply`` needs, fixed until a factor, a decomposition or the damping
+        changes (the curvature a compiled step holds between refreshes)."""
+        raise NotImplementedError(f"{type(self).__name__} has no frozen operands")
+
+    def apply(self, ops: ArrayOps, grad: Array, operands: Sequence["Array | float"]) -> Array:
+        """The natural gradient of a gradient matrix from ``operands`` (pure: no state read)."""
+        raise NotImplementedError(f"{type(self).__name__} has no frozen operands")

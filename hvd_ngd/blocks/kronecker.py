@@ -13,7 +13,7 @@ Cholesky method: (A + dA I)^-1 and (G + dG I)^-1 with the pi-corrected damping s
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from hvd_ngd import damping as damping_rules
 from hvd_ngd import inverse
@@ -205,18 +205,42 @@ class KroneckerBlock(CurvatureBlock):
         inverses: Dict[StatKey, FactorInverse],
         damping: float,
     ) -> Array:
-        a_inv, g_inv = self.inverse_pair(ops, inverses)
         if self.method is not InverseMethod.EIGEN:
+            a_inv, g_inv = self.inverse_pair(ops, inverses)
             return inverse.precondition_kronecker(ops, grad, a_inv, g_inv, damping)
+        return self.apply(ops, grad, self.operands(ops, factors, inverses, damping))
+
+    # ------------------------------------------------------------------ frozen curvature
+    def operand_shapes(self) -> Optional[List[Tuple[int, ...]]]:
+        """(Qg, Qa, denominator), or (Qg, denominator) for a diagonal A; None for Cholesky."""
+        if self.method is not InverseMethod.EIGEN:
+            return None
+        g, a = self.spec.g_dim, self.spec.a_dim
+        return [(g, g), (g, a)] if self.a_diagonal else [(g, g), (a, a), (g, a)]
+
+    def operands(
+        self, ops: ArrayOps, factors: Mapping[StatKey, Array], inverses: Mapping[StatKey, FactorInverse], damping: float
+    ) -> Tuple[Array, ...]:
+        """The eigen-bases and the kept denominator 1 / (dg da^T + damping) (EIGEN only)."""
+        a_inv, g_inv = self.inverse_pair(ops, inverses)
+        denom = self.denominator(ops, a_inv, g_inv, damping)
+        if a_inv.eigvecs is None:
+            return (g_inv.eigvecs, denom)
+        return (g_inv.eigvecs, a_inv.eigvecs, denom)
+
+    def apply(self, ops: ArrayOps, grad: Array, operands: Sequence[Array]) -> Array:
+        """Qg [(Qg^T dW Qa) * denominator] Qa^T (Qa omitted for a diagonal A)."""
+        qg, denom = operands[0], operands[-1]
+        qa = operands[1] if len(operands) == 3 else None
         out_dtype = ops.dtype_name(grad)
-        v = ops.cast(grad, ops.dtype_name(a_inv.eigvals))
+        v = ops.cast(grad, ops.dtype_name(qg))
         # Linear in the gradient: work on g / max|g| so tiny gradients are not subnormal inside
         # the matmuls (see ``engine.batched``).
         scale = ops.maximum(ops.amax(ops.abs(v)), _TINY.get(ops.dtype_name(v), 1e-35))
-        v = ops.matmul(ops.transpose(g_inv.eigvecs), ops.flush_tiny(v / scale, 1e-30))
-        if a_inv.eigvecs is not None:
-            v = ops.matmul(v, a_inv.eigvecs)
-        v = ops.matmul(g_inv.eigvecs, v * self.denominator(ops, a_inv, g_inv, damping))
-        if a_inv.eigvecs is not None:
-            v = ops.matmul(v, ops.transpose(a_inv.eigvecs))
+        v = ops.matmul(ops.transpose(qg), ops.flush_tiny(v / scale, 1e-30))
+        if qa is not None:
+            v = ops.matmul(v, qa)
+        v = ops.matmul(qg, v * denom)
+        if qa is not None:
+            v = ops.matmul(v, ops.transpose(qa))
         return ops.cast(v * scale, out_dtype)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from hvd_ngd import damping as damping_rules
 from hvd_ngd import unitwise
@@ -48,7 +48,21 @@ class UnitwiseBlock(CurvatureBlock):
         inverses: Dict[StatKey, FactorInverse],
         damping: float,
     ) -> Array:
+        return self.apply(ops, grad, self.operands(ops, factors, inverses, damping))
+
+    # ------------------------------------------------------------------ frozen curvature
+    def operand_shapes(self) -> Optional[List[Tuple[int, ...]]]:
+        """(F, lambda): the (C, 3) Fisher blocks and the damping actually added."""
+        return [(self.spec.out_features, 3), ()]
+
+    def operands(
+        self, ops: ArrayOps, factors: Mapping[StatKey, Array], inverses: Mapping[StatKey, FactorInverse], damping: float
+    ) -> Tuple["Array | float", ...]:
         fisher = factors[self.f_key]
-        lam = damping_rules.unitwise_damping(ops, fisher, damping, self.rule)
+        return (fisher, damping_rules.unitwise_damping(ops, fisher, damping, self.rule))
+
+    def apply(self, ops: ArrayOps, grad: Array, operands: Sequence["Array | float"]) -> Array:
+        """The closed-form 2x2 solves of every unit."""
+        fisher, lam = operands
         pg, pb = unitwise.unitwise_precondition(ops, fisher, grad[0], grad[1], lam)
         return ops.stack([pg, pb], 0)

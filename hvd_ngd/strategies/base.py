@@ -44,12 +44,15 @@ class DistributionStrategy(abc.ABC):
     Attributes:
         reduces_gradients: the strategy takes local gradients and averages them itself
             (SP-NGD's reduce-scatter); otherwise ``step`` gets gradients already averaged.
+        inverted_keys: the inverses whose schedule this rank consults at every step (the
+            stale-statistics counts of a step with nothing due).
     """
 
     reduces_gradients: bool = False
 
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
+        self.inverted_keys: List[StatKey] = []  # the inverses this rank asks about at every step
 
     def on_statistic(self, key: StatKey, value: Array) -> None:
         """A statistic was captured for the first time this step (hook time). Default: nothing."""

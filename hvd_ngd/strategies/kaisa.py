@@ -38,7 +38,7 @@ class KAISAStrategy(DistributionStrategy):
         super().__init__(ctx)
         self.inflight: Dict[StatKey, Any] = {}
         self.pending: Dict[StatKey, Tuple[List[Any], bool]] = {}  # handles or tensors, remote
-        self._inverted = [k for n in ctx.layer_order for k in ctx.blocks[n].inverted]
+        self.inverted_keys = [k for n in ctx.layer_order for k in ctx.blocks[n].inverted]
 
     # ------------------------------------------------------------------ hook time
     def on_statistic(self, key: StatKey, value: Array) -> None:
@@ -94,7 +94,7 @@ class KAISAStrategy(DistributionStrategy):
         ctx = self.ctx
         ops, comm, pl, cur, state = ctx.ops, ctx.comm, ctx.placement, ctx.curvature, ctx.state
         self._swap_pending()
-        if not cur.forced_now and ctx.schedule.tracker.skip_all_inverses(state.steps, self._inverted):
+        if not cur.forced_now and ctx.schedule.tracker.skip_all_inverses(state.steps, self.inverted_keys):
             return
         started: Dict[StatKey, Tuple[List[Any], bool]] = {}
         for layer in ctx.layer_order:

@@ -34,7 +34,7 @@ class SPNGDStrategy(DistributionStrategy):
         super().__init__(ctx)
         self._shapes: Optional[Dict[str, Tuple[int, ...]]] = None
         self._sizes: Dict[str, int] = {}
-        self._inverted = [k for n in ctx.placement.owned[ctx.placement.rank] for k in ctx.blocks[n].inverted]
+        self.inverted_keys = [k for n in ctx.placement.owned[ctx.placement.rank] for k in ctx.blocks[n].inverted]
         self._scalar_index: Dict[Tuple[StatKey, ...], Tuple[Array, List[List[StatKey]]]] = {}
 
     def _layer_shapes(self, grads: Mapping[str, Array]) -> Dict[str, Tuple[int, ...]]:
@@ -103,7 +103,7 @@ class SPNGDStrategy(DistributionStrategy):
 
         # 2. Owners refresh inverses and precondition.
         owned = pl.owned[rank]
-        if cur.forced_now or not ctx.schedule.tracker.skip_all_inverses(step, self._inverted):
+        if cur.forced_now or not ctx.schedule.tracker.skip_all_inverses(step, self.inverted_keys):
             for name in owned:
                 for key in ctx.blocks[name].inverted:
                     if key in state.factors and cur.inverse_due(key):
