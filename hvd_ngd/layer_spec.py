@@ -58,6 +58,11 @@ class LayerSpec:
         """Embedding layers keep A as a vector (token frequencies)."""
         return self.kind is LayerKind.EMBEDDING
 
+    @property
+    def grad_shape(self) -> Tuple[int, int]:
+        """Shape of the layer's gradient matrix: (g_dim, a_dim), or (2, C) = [grad_gamma; grad_beta]."""
+        return (2, self.out_features) if self.kind.is_unitwise else (self.g_dim, self.a_dim)
+
     def factor_shapes(self) -> Tuple[Tuple[int, ...], ...]:
         """Shapes of the statistics this layer keeps: (A, G) or the (C, 3) unit-wise blocks."""
         if self.kind.is_unitwise:

@@ -39,7 +39,10 @@ class HorovodCommunicator(HorovodCommunicatorBase):
 
     def allgather(self, x: tf.Tensor, *, name: str) -> tf.Tensor:
         out = hvd.allgather(x, name=name)
-        self._count(out, self.ring_share())  # ring: every rank forwards n-1 blocks
+        if out.shape.num_elements() is None:  # traced: the gathered size is known at run time only
+            self.count(x.shape.num_elements() * self.size, x.dtype.size, self.ring_share())
+        else:
+            self._count(out, self.ring_share())  # ring: every rank forwards n-1 blocks
         return out
 
     def reducescatter(self, x: tf.Tensor, *, name: str, average: bool = True) -> tf.Tensor:

@@ -41,6 +41,8 @@ from hvd_ngd.enums import FisherType, LossReduction
 from hvd_ngd.adapter import EngineAPI
 from hvd_ngd.preconditioner import Preconditioner
 from hvd_ngd.registration import register_layers
+from hvd_ngd.tensorflow.graph_step import GraphStep
+from hvd_ngd.tensorflow.graph_step import build as build_graph_step
 from hvd_ngd.tensorflow.keras_version import require_keras, require_keras_object
 from hvd_ngd.tensorflow.layers import KerasLayer, NormLayer, Record, make_layer
 from hvd_ngd.tensorflow.ops import TFOps
@@ -100,6 +102,9 @@ class KFAC(EngineAPI):
             ``strategy='spngd'``; leave False with ``hvd.DistributedGradientTape``). Gradients
             of unregistered variables are then averaged too.
         communicator: injected collectives (defaults to ``horovod.tensorflow``).
+        graph_step: in a traced train step, take steps with nothing due in the graph
+            (``hvd_ngd.tensorflow.graph_step``); False runs every step's K-FAC work eagerly
+            in a ``tf.py_function``. ``graph_step_reason`` says why a world has no graph step.
         **config: ``hvd_ngd.KFACConfig`` fields (same names as the torch adapter).
 
     Raises:
@@ -113,6 +118,7 @@ class KFAC(EngineAPI):
         *,
         reduce_gradients: bool = False,
         communicator: Optional[Communicator] = None,
+        graph_step: bool = True,
         **config: Any,
     ) -> None:
         require_keras_object(model, keras.layers.Layer, "model")
@@ -149,8 +155,44 @@ class KFAC(EngineAPI):
         check_consistent(self.comm, specs, self.config)
         self.engine = Preconditioner(specs, self.config, self.ops, self.comm)
         self.engine.register_groups()
+        self.graph: Optional[GraphStep] = None
+        self.graph_step_reason = "graph_step=False"
+        if graph_step:
+            dtype = tf.as_dtype(str(self.layers[0].variables()[0].dtype))
+            self.graph, self.graph_step_reason = build_graph_step(self.engine, reduce_gradients, dtype)
         for layer in self.layers:
             layer.wrap()
+
+    # ------------------------------------------------------------------ engine access
+    def _settle(self) -> None:
+        """Account for steps taken in the graph (eager callers only)."""
+        if self.graph is not None and tf.executing_eagerly():
+            self.graph.catch_up()
+
+    @property
+    def steps(self) -> int:
+        """Number of preconditioned steps so far (graph steps included)."""
+        self._settle()
+        return self.engine.steps
+
+    @property
+    def hyperparameters(self) -> Dict[str, Any]:
+        """The current scheduled hyperparameters (the last graph step's lr included)."""
+        self._settle()
+        return self.engine.scheduled_hyperparameters()
+
+    @property
+    def statistics_counts(self) -> Any:
+        """Statistic and inverse computations done and skipped so far (graph steps included)."""
+        self._settle()
+        return self.engine.tracker.counts
+
+    def set_hyperparameters(self, **values: Any) -> None:
+        """See ``hvd_ngd.adapter.EngineAPI.set_hyperparameters`` (the next step runs eagerly)."""
+        self._settle()
+        self.engine.set_hyperparameters(**values)
+        if self.graph is not None:
+            self.graph.invalidate()
 
     def _skipped(self, pgrads: Dict[str, Any], other_out: List[Any]) -> Tuple[Dict[str, Any], List[Any]]:
         """Zero gradients for a step every rank skips (some rank's gradients were not finite)."""
@@ -300,7 +342,11 @@ class KFAC(EngineAPI):
         extra = [tf.cast(tf.convert_to_tensor(v), tf.float64) for v in scalars]
         n_m, n_o, n_r, n_h = len(matrices), len(other_grads), len(records), len(names)
 
+        graph = self.graph if self._graph_ready(matrices) else None
+
         def eager(*tensors: tf.Tensor) -> List[tf.Tensor]:
+            if graph is not None:
+                graph.catch_up()
             mats, rest = tensors[:n_m], tensors[n_m + n_o :]
             xs_e, zs_e, gs_e, extra_e = rest[:n_r], rest[n_r : 2 * n_r], rest[2 * n_r : 3 * n_r], rest[3 * n_r :]
             if lr is not None:
@@ -312,15 +358,33 @@ class KFAC(EngineAPI):
                 self.reduce_gradients, values,
             )
             pgrads, other_out = self._skipped(pgrads, list(other_out))
+            if graph is not None:
+                graph.sync()
             return [tf.convert_to_tensor(pgrads[layer.name]) for layer in self.layers] + [
                 tf.convert_to_tensor(g) for g in other_out
             ]
 
         inputs = matrices + other_grads + xs + zs + gs + extra
-        out = tf.py_function(eager, inp=inputs, Tout=[t.dtype for t in matrices + other_grads])
-        for o, t in zip(out, matrices + other_grads):
-            o.set_shape(t.shape)
+
+        def eager_path() -> List[tf.Tensor]:
+            out = tf.py_function(eager, inp=inputs, Tout=[t.dtype for t in matrices + other_grads])
+            for o, t in zip(out, matrices + other_grads):
+                o.set_shape(t.shape)
+            return list(out)
+
+        if graph is None:
+            out = eager_path()
+        else:
+            lr64 = extra[0] if lr is not None else None
+            out = graph.step(matrices, other_grads, lr64, extra[len(extra) - n_h :] if n_h else [], eager_path)
         return self._assemble(grads, index, others, list(out[:n_m]), list(out[n_m:]))
+
+    def _graph_ready(self, matrices: Sequence[tf.Tensor]) -> bool:
+        """Whether this trace can take graph steps (the matrices have the planned shapes)."""
+        if self.graph is None:
+            return False
+        plan = self.graph.plan
+        return all(tuple(m.shape) == plan.shapes[layer.name] for layer, m in zip(self.layers, matrices))
 
     def set_lr(self, lr: Any) -> None:
         """Set the learning rate KL clipping uses (eager value)."""
@@ -343,6 +407,9 @@ class KFAC(EngineAPI):
             records: (layer, record) of this step's forward calls, output gradients filled in.
             hyperparameters: the caller's values to compare across ranks (see ``gradient``).
         """
+        if self.graph is not None:
+            self.graph.catch_up()
+            self.graph.invalidate()  # this eager step may refresh what the graph holds
         self._accumulate_statistics(records)
         grads, index, others = self._gradient_layout(grads, variables)
         matrices = {
@@ -402,11 +469,15 @@ class KFAC(EngineAPI):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """Running factors, inverses and schedule state as numpy (a collective: every rank calls it)."""
+        self._settle()
         return {"engine": self.engine.state_dict(), "config": self.config.describe()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore ``state_dict`` output (same layers and inverse method; any world size)."""
+        self._settle()
         self.engine.load_state_dict(state["engine"], like=None)
+        if self.graph is not None:
+            self.graph.invalidate()
 
     def remove_hooks(self) -> None:
         """Restore the layers' original ``call`` methods (detach from the model)."""
