@@ -74,7 +74,7 @@ def build(name: str) -> Tuple[Any, Tuple[int, int, int], int]:
     return keras.Model(inputs, L.Dense(classes)(x)), shape, classes
 
 
-def bench_one(variant: str, strategy: str, args: argparse.Namespace) -> Dict[str, Any]:
+def bench_one(variant: str, strategy: str, args: argparse.Namespace, graph_step: bool = True) -> Dict[str, Any]:
     keras.utils.set_random_seed(0)
     model, shape, classes = build(args.model)
     sgd = keras.optimizers.SGD(0.01, momentum=0.9)
@@ -83,7 +83,7 @@ def bench_one(variant: str, strategy: str, args: argparse.Namespace) -> Dict[str
     else:
         opt = DistributedOptimizer(sgd, model, strategy=strategy, damping=1e-3, lr=0.01,
                                    assignment_cost=args.assignment_cost if strategy == "spngd" else "compute",
-                                   **VARIANTS[variant])
+                                   graph_step=graph_step, **VARIANTS[variant])
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     broadcast_variables(model.variables, 0, "bench.init")
     rng = np.random.default_rng(hvd.rank())
@@ -102,14 +102,18 @@ def bench_one(variant: str, strategy: str, args: argparse.Namespace) -> Dict[str
     if kfac is None:
         sent, skipped = 2.0 * (n - 1) / n * param_bytes, 0.0
     else:  # the Keras optimizer reduces every gradient itself: all bytes are counted
-        sent, skipped = (kfac.comm.bytes_sent - bytes_before) / args.iters, kfac.engine.tracker.counts.skipped_fraction
-    return benchmark_row(variant, strategy if kfac is not None else "-", elapsed, args.iters, args.batch_size * n,
+        skipped = kfac.statistics_counts.skipped_fraction  # (also accounts for steps taken in the graph)
+        sent = (kfac.comm.bytes_sent - bytes_before) / args.iters
+    label = variant if graph_step else f"{variant}/eager"
+    return benchmark_row(label, strategy if kfac is not None else "-", elapsed, args.iters, args.batch_size * n,
                          sent, skipped)
 
 
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads per rank")
+    parser.add_argument("--compare-graph-step", action="store_true",
+                        help="also run every K-FAC row with graph_step=False (rows '<variant>/eager')")
     args = parser.parse_args()
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
@@ -118,6 +122,8 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         for variant in args.variants.split(","):
             rows.append(bench_one(variant, strategy, args))
+            if args.compare_graph_step:
+                rows.append(bench_one(variant, strategy, args, graph_step=False))
     if hvd.rank() == 0:
         report(rows, args, "keras", hvd.size(), "CPU")
 
