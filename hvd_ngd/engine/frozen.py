@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from hvd_ngd import wire
 from hvd_ngd.blocks.base import CurvatureBlock
 from hvd_ngd.communicator import Communicator
 from hvd_ngd.enums import Strategy
@@ -203,18 +204,12 @@ def frozen_step(
 
 
 def _average(ops: ArrayOps, comm: Communicator, tensors: List[Array], tag: str) -> List[Array]:
-    """Average tensors over ranks with one allreduce of their concatenation."""
+    """Average tensors over ranks with one allreduce of their fused buffer (one fixed name: the
+    step is traced once)."""
     if not tensors:
         return []
-    flat = ops.concat([ops.flatten(t) for t in tensors], 0)
-    flat = comm.allreduce(flat, name=f"hvd_ngd.frozen.{tag}", average=True)
-    out, offset = [], 0
-    for t in tensors:
-        shape = ops.shape(t)
-        size = int(np.prod(shape)) if shape else 1
-        out.append(ops.reshape(flat[offset : offset + size], shape))
-        offset += size
-    return out
+    buf, layout = wire.fuse(ops, tensors)
+    return list(wire.unfuse(ops, comm.allreduce(buf, name=f"hvd_ngd.frozen.{tag}", average=True), layout))
 
 
 def _scatter(

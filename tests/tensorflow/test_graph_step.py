@@ -13,19 +13,11 @@ import tensorflow as tf
 from hvd_ngd.communicator import SingleProcessCommunicator
 from hvd_ngd.tensorflow import KFAC
 from hvd_ngd.tensorflow.keras_version import require_keras
+from tests.tensorflow.keras.test_optimizer import make_model
 
 keras = require_keras()
 pytestmark = pytest.mark.usefixtures("float64")
 N = 8
-
-
-def make_model():
-    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(3, 3, activation="relu"),
-                              keras.layers.BatchNormalization(), keras.layers.Flatten(), keras.layers.Dense(3)])
-    for v in model.variables:
-        if v.trainable:
-            v.assign(tf.cast(tf.reshape(tf.range(tf.size(v)), v.shape), v.dtype) * 0.011 - 0.05)
-    return model
 
 
 def train(graph_step: bool, steps: int, **config):
