@@ -170,12 +170,9 @@ def _same(a: Any, b: Any) -> bool:
 def build(engine: Any, reduce_gradients: bool, dtype: tf.DType) -> Tuple[Optional[GraphStep], str]:
     """A ``GraphStep`` for the engine, or None with the reason the world cannot take frozen steps.
 
-    Single-process only for now: on 2 Horovod ranks ``model.fit`` with graph steps hung in the
-    first test that tried it (Horovod graph collectives inside ``tf.cond`` next to the eager
-    ``tf.py_function`` path; not yet diagnosed), so a multi-rank world keeps the eager step.
+    Any world size: the frozen step's collectives are Horovod graph ops, matched across ranks by
+    their explicit names (``HorovodCommunicator`` passes ``ignore_name_scope=True``).
     """
-    if engine.world > 1:
-        return None, "graph steps run on one process only for now (a 2-rank model.fit hung; see graph_step.build)"
     shapes = {n: engine.specs[n].grad_shape for n in engine.layer_order}
     plan, reason = frozen.frozen_plan(engine, reduce_gradients, shapes)
     if plan is None:
