@@ -26,7 +26,7 @@ def test_kfac_reaches_97_percent_in_fewer_epochs_than_sgd() -> None:
     # K-FAC lr 0.2 with damping 3e-3, KL clip 1e-2 and every-step factors and inverses.
     digits.WARMUP_EPOCHS.update(sgd=0.0, kfac=0.0)
     digits.KFAC_CONFIG.update(damping=3e-3, kl_clip=1e-2, factor_update_interval=1, inv_update_interval=1)
-    results = digits.run(optimizers=("sgd", "kfac"), epochs=8, batch_size=64, seed=0, lrs={"sgd": 0.1, "kfac": 0.2}, evals_per_epoch=1)
+    results = digits.run(optimizers=("sgd", "kfac"), epochs=8, batch_size=64, seed=0, lrs={"sgd": 0.1, "kfac": 0.2}, evals_per_epoch=4)
     sgd, kfac = results["sgd"]["epochs_to_target"], results["kfac"]["epochs_to_target"]
     print(f"epochs to 97%: SGD-momentum {sgd}, K-FAC {kfac}; final accuracy SGD "
           f"{results['sgd']['final_accuracy']:.4f}, K-FAC {results['kfac']['final_accuracy']:.4f}")
